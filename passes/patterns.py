@@ -1,0 +1,217 @@
+"""What the passes look for, declared as data.
+
+Residual detection is structural (regions of the data-flow graph), but a few questions are
+about single operations: is this node an addition, does this branch contain attention, does
+this op only read a tensor's shape, does it write into its input. Those answers live here
+as tables, one entry per operation spelling, so that a new spelling (a new aten overload, a
+new leaf module) is one line, not a new branch in a pass.
+
+Every table covers both graph dialects the frontends produce: module-level ``torch.fx``
+graphs (``call_module`` leaves, ``call_method`` on tensors, ``torch.nn.functional`` calls)
+and aten-level graphs from ``torch.export`` (``torch.ops.aten.*`` overloads).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+aten = torch.ops.aten
+
+__all__ = [
+    "OpPattern",
+    "RESIDUAL_ADD",
+    "ATTENTION",
+    "SHAPE_QUERY",
+    "GUARD",
+    "STREAM_TRANSPARENT",
+    "VIEW",
+    "STATEFUL_MODULES",
+    "is_inplace",
+    "module_of",
+]
+
+
+def _overloads(*packets) -> frozenset:
+    """All overloads of the given aten op packets (``aten.add`` -> add.Tensor, add.Scalar, ...)."""
+    found = set()
+    for packet in packets:
+        for name in packet.overloads():
+            found.add(getattr(packet, name))
+    return frozenset(found)
+
+
+@dataclass(frozen=True)
+class OpPattern:
+    """One kind of operation, in every spelling a traced graph may use for it.
+
+    ``functions`` are ``call_function`` targets, ``methods`` are ``call_method`` names
+    (``x.softmax(...)``), ``modules`` are ``call_module`` leaf types, and ``attributes``
+    are ``getattr(x, name)`` lookups that fx records as calls of the builtin ``getattr``.
+    """
+
+    name: str
+    functions: frozenset = frozenset()
+    methods: frozenset = frozenset()
+    modules: tuple = ()
+    attributes: frozenset = frozenset()
+
+    def matches(self, node: fx.Node, root: nn.Module | None = None) -> bool:
+        if node.op == "call_function":
+            if node.target is getattr and self.attributes:
+                return len(node.args) >= 2 and node.args[1] in self.attributes
+            return node.target in self.functions
+        if node.op == "call_method":
+            return node.target in self.methods
+        if node.op == "call_module" and root is not None and self.modules:
+            return isinstance(module_of(node, root), self.modules)
+        return False
+
+    def __add__(self, other: "OpPattern") -> "OpPattern":
+        return OpPattern(
+            name=f"{self.name}+{other.name}",
+            functions=self.functions | other.functions,
+            methods=self.methods | other.methods,
+            modules=self.modules + other.modules,
+            attributes=self.attributes | other.attributes,
+        )
+
+
+def module_of(node: fx.Node, root: nn.Module) -> nn.Module | None:
+    """The leaf module a ``call_module`` node calls, or None."""
+    if node.op != "call_module":
+        return None
+    try:
+        return root.get_submodule(node.target)
+    except AttributeError:
+        return None
+
+
+# `s + r`: the join of a residual connection.
+RESIDUAL_ADD = OpPattern(
+    name="residual_add",
+    functions=frozenset({operator.add, torch.add, aten.add.Tensor}),
+    methods=frozenset({"add"}),
+)
+
+# Any of these inside a branch makes it an attention branch (softmax over scores, fused
+# attention kernels, or an attention leaf module).
+ATTENTION = OpPattern(
+    name="attention",
+    functions=frozenset(
+        {F.scaled_dot_product_attention, F.softmax, torch.softmax, F.multi_head_attention_forward}
+        | _overloads(
+            aten.scaled_dot_product_attention,
+            aten._scaled_dot_product_flash_attention,
+            aten._scaled_dot_product_efficient_attention,
+            aten._scaled_dot_product_flash_attention_for_cpu,
+            aten._scaled_dot_product_cudnn_attention,
+            aten._softmax,
+            aten.softmax,
+            aten._safe_softmax,
+            aten._native_multi_head_attention,
+        )
+    ),
+    methods=frozenset({"softmax"}),
+    modules=(nn.MultiheadAttention, nn.Softmax),
+)
+
+# Ops that read only metadata (shape, rank, dtype) of a tensor. Residual adds preserve
+# shape, so such a query on a stream value can be answered by any earlier stream value.
+SHAPE_QUERY = OpPattern(
+    name="shape_query",
+    functions=frozenset(_overloads(aten.sym_size, aten.sym_numel, aten.sym_stride)),
+    methods=frozenset({"size", "dim"}),
+    attributes=frozenset({"shape", "ndim"}),
+)
+
+# Assertions the tracers insert about inputs and shapes. They produce no value used by
+# the computation; the converted model re-checks its inputs against the traced variant.
+GUARD = OpPattern(
+    name="guard",
+    functions=frozenset(
+        {torch._assert, getattr(fx, "_symbolic_trace")._assert_is_none}
+        | _overloads(
+            aten._assert_tensor_metadata,
+            aten._assert_scalar,
+            aten.sym_constrain_range_for_size,
+            aten.sym_constrain_range,
+            aten._assert_async,
+        )
+        | ({getattr(torch, "_check")} if hasattr(torch, "_check") else set())
+    ),
+)
+
+# Unary ops that hand the stream on as the same value (possibly cast or made contiguous).
+# A chain of them between two residuals is moved into the branch that follows, so that
+# Llama's `x.to(float32)` inside RMSNorm does not break the pairing of its residuals.
+STREAM_TRANSPARENT = OpPattern(
+    name="stream_transparent",
+    functions=frozenset(_overloads(aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias)),
+    methods=frozenset({"to", "float", "contiguous", "type_as", "clone"}),
+)
+
+# Ops whose result shares storage with their first argument: an in-place write through
+# one of them reaches the original tensor.
+VIEW = OpPattern(
+    name="view",
+    functions=frozenset(
+        {operator.getitem, torch.transpose, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+        | _overloads(
+            aten.view,
+            aten._unsafe_view,
+            aten.reshape,
+            aten.transpose,
+            aten.permute,
+            aten.expand,
+            aten.slice,
+            aten.select,
+            aten.unsqueeze,
+            aten.squeeze,
+            aten.t,
+            aten.alias,
+            aten.unflatten,
+            aten.split,
+            aten.chunk,
+            aten.unbind,
+            aten.narrow,
+            aten.as_strided,
+        )
+    ),
+    methods=frozenset(
+        {
+            "view", "view_as", "reshape", "transpose", "permute", "expand", "expand_as",
+            "unsqueeze", "squeeze", "flatten", "unflatten", "narrow", "select", "t",
+            "split", "chunk", "unbind",
+        }
+    ),
+)
+
+# Modules that update state (running statistics) every training forward: recomputing
+# their branch would update it a second time.
+STATEFUL_MODULES = (nn.modules.batchnorm._BatchNorm,)
+
+_INPLACE_FUNCTIONS = frozenset({operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv})
+
+
+def is_inplace(node: fx.Node, root: nn.Module | None = None) -> bool:
+    """True if the node writes into its first argument."""
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.startswith("_")
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS:
+            return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments[:1])
+        return False
+    if node.op == "call_module" and root is not None:
+        module = module_of(node, root)
+        return bool(getattr(module, "inplace", False))
+    return False

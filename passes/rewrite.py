@@ -1,0 +1,179 @@
+"""Replace each detected segment of a graph by one call to a reversible segment.
+
+For every ``Segment`` of a ``Plan`` the pass
+
+1. extracts the attention branch ``F`` and MLP branch ``G`` of each block into graphs of
+   their own, with placeholders ``(stream, *side_inputs)``; parameters stay ``get_attr``
+   / ``call_module`` references by qualified name, so the branches run on the model's
+   own parameter objects, never on copies;
+2. inserts one node ``reversible_segment_<i>(segment_input, *side_inputs)`` where the
+   segment's output was, and removes the blocks' nodes.
+
+The inserted call's target is a ``SegmentCall`` marker: the graph stays a pure compile
+artifact that can be printed, drawn and bound to a module later. Binding (in
+``revcompile.runtime``) swaps each marker for an executable segment.
+
+The coupling that the segment computes is fixed here, as part of the architecture:
+streams start as ``X1 = X2 = x``; block ``i`` computes ``Y1 = X1 + F_i(X2)`` and
+``Y2 = X2 + G_i(Y1)``; the segment returns ``fuse(Y1, Y2)`` with ``fusion`` one of
+``FUSIONS`` (both streams have the model's width, so the model's own final norm and head
+still fit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from passes.plan import Branch, Plan, Segment
+
+__all__ = ["FUSIONS", "SegmentCall", "BranchProgram", "BlockProgram", "SegmentProgram", "RewriteResult", "rewrite_reversible"]
+
+# How the two streams leave a segment as one tensor of the original width.
+FUSIONS = {
+    "mean": "(Y1 + Y2) / 2: both streams, at the scale of one (default)",
+    "sum": "Y1 + Y2: both streams, at twice the scale of one",
+    "y2": "Y2 only; for a one-block segment this is exactly the original block",
+}
+
+
+@dataclass(frozen=True)
+class SegmentCall:
+    """Graph-call marker for segment ``index``; runtime binding replaces it."""
+
+    index: int
+
+    @property
+    def __name__(self) -> str:  # fx names the call after its target
+        return f"reversible_segment_{self.index}"
+
+    def __call__(self, *args):
+        raise RuntimeError(
+            f"{self.__name__} is an unbound compile artifact; run the module returned by revcompile.convert"
+        )
+
+
+@dataclass(frozen=True)
+class BranchProgram:
+    """One branch as a standalone graph: ``(stream, *side_inputs) -> branch output``."""
+
+    name: str
+    kind: str
+    graph: fx.Graph
+    side_inputs: tuple[int, ...]  # positions in the segment's side inputs
+    parameters: tuple[str, ...]
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BlockProgram:
+    name: str
+    f: BranchProgram
+    g: BranchProgram
+
+
+@dataclass(frozen=True)
+class SegmentProgram:
+    index: int
+    name: str
+    blocks: tuple[BlockProgram, ...]
+    side_inputs: tuple[str, ...]
+    fusion: str
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        names = (p for b in self.blocks for br in (b.f, b.g) for p in br.parameters)
+        return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    graph_module: fx.GraphModule
+    segments: tuple[SegmentProgram, ...]
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.segments)
+
+
+def _extract_branch(nodes: dict[str, fx.Node], branch: Branch, side_inputs: tuple[str, ...], name: str) -> BranchProgram:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    entry = nodes[branch.entry]
+    env[entry] = graph.placeholder(entry.name)
+    env[entry].meta = dict(entry.meta)
+    for side in branch.side_inputs:
+        env[nodes[side]] = graph.placeholder(side)
+        env[nodes[side]].meta = dict(nodes[side].meta)
+
+    def lookup(arg: fx.Node) -> fx.Node:
+        if arg not in env:  # a parameter/buffer reference: copy it in, it resolves by name
+            assert arg.op == "get_attr", f"{arg.name} is neither in the branch nor a side input"
+            env[arg] = graph.get_attr(arg.target)
+            env[arg].meta = dict(arg.meta)
+        return env[arg]
+
+    for node_name in branch.nodes:
+        node = nodes[node_name]
+        env[node] = graph.node_copy(node, lookup)
+    graph.output(env[nodes[branch.output]])
+    graph.lint()
+    return BranchProgram(
+        name=name,
+        kind=branch.kind,
+        graph=graph,
+        side_inputs=tuple(side_inputs.index(s) for s in branch.side_inputs),
+        parameters=branch.parameters,
+        modules=branch.modules,
+    )
+
+
+def _segment_program(nodes: dict[str, fx.Node], segment: Segment, fusion: str) -> SegmentProgram:
+    blocks = tuple(
+        BlockProgram(
+            name=block.name,
+            f=_extract_branch(nodes, block.f, segment.side_inputs, f"{block.name}:F"),
+            g=_extract_branch(nodes, block.g, segment.side_inputs, f"{block.name}:G"),
+        )
+        for block in segment.blocks
+    )
+    return SegmentProgram(segment.index, segment.name, blocks, segment.side_inputs, fusion)
+
+
+def _segment_nodes(nodes: dict[str, fx.Node], segment: Segment) -> list[fx.Node]:
+    names = set()
+    for block in segment.blocks:
+        names.update(block.f.nodes)
+        names.update(block.g.nodes)
+        names.update({block.attention.add, block.mlp.add})
+    return [nodes[n] for n in names]
+
+
+def rewrite_reversible(gm: fx.GraphModule, plan: Plan, fusion: str = "mean") -> RewriteResult:
+    """Rewrite ``gm`` in place so that each segment of ``plan`` is one ``SegmentCall``."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {fusion!r}")
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    programs = []
+    for segment in plan.segments:
+        programs.append(_segment_program(nodes, segment, fusion))
+        output = nodes[segment.output]
+        with graph.inserting_before(output):
+            call = graph.call_function(
+                SegmentCall(segment.index),
+                (nodes[segment.input], *(nodes[s] for s in segment.side_inputs)),
+            )
+        call.meta = {k: v for k, v in output.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")}
+        call.meta["revcompile_segment"] = segment.index
+        output.replace_all_uses_with(call)
+        for node in sorted(_segment_nodes(nodes, segment), key=order.__getitem__, reverse=True):
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return RewriteResult(gm, tuple(programs))

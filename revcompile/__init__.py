@@ -1,0 +1,30 @@
+"""revcompile: convert transformers into reversible networks by rewriting their graphs.
+
+    converted = revcompile.convert(model, example_inputs)
+    revcompile.explain(converted)            # what became reversible, what did not and why
+    revcompile.set_backward(converted, "autograd")   # the stored-activation reference
+    revcompile.verify(converted, example_inputs)     # gradients equal that reference?
+
+See docs/design.md for the pipeline and docs/usage.md for a walk-through.
+"""
+
+from revcompile.api import convert, explain, find_converted, set_backward, unconvert
+from revcompile.converted import ReversibleModel
+from revcompile.errors import ConversionError
+from revcompile.runtime import BACKWARD_MODES
+from revcompile.verify import VerifyReport, verify
+
+__all__ = [
+    "convert",
+    "explain",
+    "set_backward",
+    "unconvert",
+    "verify",
+    "VerifyReport",
+    "find_converted",
+    "ReversibleModel",
+    "ConversionError",
+    "BACKWARD_MODES",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""The user's entry points: convert a model, look at what was converted, switch backward modes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from passes.plan import Plan
+from passes.rewrite import FUSIONS
+from revcompile.converted import ReversibleModel
+from revcompile.errors import ConversionError
+from revcompile.frontend import TRACERS
+from revcompile.runtime import BACKWARD_MODES
+
+__all__ = ["convert", "explain", "set_backward", "unconvert", "find_converted"]
+
+
+def convert(
+    model: nn.Module,
+    example_inputs=(),
+    example_kwargs: dict | None = None,
+    *,
+    tracer: str = "auto",
+    fusion: str = "mean",
+) -> ReversibleModel:
+    """Rewrite the residual attention/MLP chains of ``model`` into reversible segments.
+
+    ``example_inputs`` (a tuple of positional arguments, or a single tensor) and
+    ``example_kwargs`` are one call as the model will be called in training. The returned
+    module shares ``model``'s parameters (no copies), has the same ``state_dict`` keys, is
+    called like ``model`` and returns the same output structure. Its blocks compute the
+    Rev-ViT coupling ``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)`` -- a different function from
+    the original with the same parameters -- and its backward reconstructs activations
+    instead of storing them.
+
+    ``tracer``: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
+    ``fusion``: how a segment's two streams become one tensor: one of ``FUSIONS``.
+    Raises ``ConversionError`` when tracing fails or nothing is convertible.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, ReversibleModel):
+        raise ConversionError("this model is already converted; call revcompile.unconvert(model) to get the original")
+    if tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {fusion!r}")
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    converted = ReversibleModel(model, tracer=tracer, fusion=fusion)
+    try:
+        converted.compile_for(args, dict(example_kwargs or {}))
+    except TypeError as err:
+        raise ConversionError(
+            f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
+        ) from None
+    return converted
+
+
+def find_converted(module: nn.Module) -> list[ReversibleModel]:
+    """Converted models in ``module`` (itself, or inside DDP, torch.compile, a container)."""
+    return [m for m in module.modules() if isinstance(m, ReversibleModel)]
+
+
+def _the_converted(module: nn.Module) -> ReversibleModel:
+    found = find_converted(module)
+    if not found:
+        raise ValueError(f"{type(module).__name__} contains no model converted by revcompile.convert")
+    return found[0]
+
+
+def explain(module: nn.Module) -> Plan:
+    """What was converted: ``.segments``, ``.blocks``, ``.skipped`` (with ``.reason``), ``.tracer``."""
+    return _the_converted(module).reversible_plan
+
+
+def set_backward(module: nn.Module, mode: str) -> None:
+    """Switch how converted segments in ``module`` run backward: one of ``BACKWARD_MODES``."""
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f"backward mode must be one of {sorted(BACKWARD_MODES)}, got {mode!r}")
+    found = find_converted(module)
+    if not found:
+        raise ValueError(f"{type(module).__name__} contains no model converted by revcompile.convert")
+    for converted in found:
+        converted.reversible_settings.mode = mode
+
+
+def unconvert(module: nn.Module) -> nn.Module:
+    """The original model behind a converted one (sharing its current parameters)."""
+    return _the_converted(module).original_model

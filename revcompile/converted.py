@@ -1,0 +1,199 @@
+"""The module ``revcompile.convert`` returns: the user's model, running its rewritten graph.
+
+``ReversibleModel`` registers the original model's own submodules, parameters and buffers
+-- the same objects, under the same names -- so ``state_dict()`` has exactly the original
+keys, ``load_state_dict`` works both ways, optimizers and DDP see the original parameters,
+and the original model keeps working unconverted beside it. Attributes it does not have
+(a HuggingFace ``config``, say) are looked up on the original.
+
+A traced graph is specific to how it was traced: the training flags (dropout present or
+not, ``self.training`` branches taken), which optional arguments were passed, their
+dtypes and devices, and for ``torch.export`` the shape ranges it was traced under. The
+model keeps one compiled *variant* per such call signature and traces a new one the first
+time a call does not fit any (``model.eval()``, a call without ``attention_mask``, a move
+to another device). Every variant must convert the same blocks as the first one; if one
+does not, the call fails rather than silently computing a different architecture.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from passes.rewrite import SegmentCall
+from revcompile.errors import ConversionError
+from revcompile.frontend import CallSignature, bind_call, training_defaults
+from revcompile.pipeline import CompiledVariant, compile_variant
+from revcompile.runtime import ReversibleSegment, RuntimeSettings, bind_graph
+
+__all__ = ["ReversibleModel"]
+
+log = logging.getLogger("revcompile")
+
+
+def _graph_with_segments(graph: fx.Graph, segments: list[ReversibleSegment]) -> fx.Graph:
+    """A copy of ``graph`` whose segment markers call the bound segments."""
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    copy._codegen = graph._codegen
+    for node in copy.nodes:
+        if isinstance(node.target, SegmentCall):
+            node.target = segments[node.target.index]
+    copy.lint()
+    return copy
+
+
+class BoundVariant:
+    """A compiled variant bound to a model: executable segments and the rewritten graph."""
+
+    def __init__(self, compiled: CompiledVariant, root: nn.Module, settings: RuntimeSettings):
+        self.compiled = compiled
+        self.segments = [ReversibleSegment(program, root, settings) for program in compiled.segments]
+        self.module = bind_graph(_graph_with_segments(compiled.graph, self.segments), root, "Reversible" + type(root).__name__)
+
+    def accepts(self, call: CallSignature) -> bool:
+        if self.compiled.guard is None:
+            return True
+        try:
+            self.compiled.guard(*call.flat_inputs())
+        except Exception:  # noqa: BLE001 -- any failed guard means "trace another variant"
+            return False
+        return True
+
+    def __call__(self, call: CallSignature):
+        if self.compiled.tracer == "fx":
+            return self.module(*(call.keyword[name] for name in self.compiled.input_names))
+        return self.module(*call.positional, **call.keyword)
+
+
+def _leaf_key(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, value.dim(), value.device)
+    try:
+        hash(value)
+        return ("value", value)
+    except TypeError:
+        return ("object", type(value))
+
+
+class ReversibleModel(nn.Module):
+    """``original`` with its residual attention/MLP chains running as reversible segments."""
+
+    def __init__(self, original: nn.Module, *, tracer: str, fusion: str):
+        super().__init__()
+        self._modules.update(original._modules)
+        self._parameters.update(original._parameters)
+        self._buffers.update(original._buffers)
+        self._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
+        self.training = original.training
+        state = self.__dict__
+        state["_rc_original"] = original
+        state["_rc_tracer"] = tracer
+        state["_rc_fusion"] = fusion
+        state["_rc_settings"] = RuntimeSettings()
+        state["_rc_variants"] = {}
+        state["_rc_primary"] = None
+        state["_rc_injected"] = {}
+
+    # -- compiling variants ------------------------------------------------------------
+
+    def _state_key(self, call: CallSignature) -> tuple:
+        leaves, spec = pytree.tree_flatten((call.positional, call.keyword))
+        modes = tuple(m.training for m in self.modules())
+        tensors = {(t.dtype, t.device) for t in self.parameters()} | {(t.dtype, t.device) for t in self.buffers()}
+        return (modes, spec, tuple(_leaf_key(v) for v in leaves), frozenset(tensors))
+
+    def _sync_original(self) -> None:
+        """Top-level parameters and buffers may have been replaced (``.to()``): share them again."""
+        original = self._rc_original
+        original._parameters.update(self._parameters)
+        original._buffers.update({k: v for k, v in self._buffers.items() if not k.startswith("_revcompile_constant_")})
+
+    def _compile(self, call: CallSignature) -> BoundVariant:
+        self._sync_original()
+        primary: BoundVariant | None = self._rc_primary
+        tracer = primary.compiled.tracer if primary is not None else self._rc_tracer
+        compiled = compile_variant(self._rc_original, call, tracer=tracer, fusion=self._rc_fusion, training=self.training)
+        if primary is not None and compiled.plan.signature() != primary.compiled.plan.signature():
+            raise ConversionError(
+                "tracing this call (training=%s) converted different blocks than the first trace: "
+                "%d blocks in %d segments instead of %d in %d. The model's structure depends on how it "
+                "is called; convert it with example inputs of the kind used here."
+                % (self.training, len(compiled.plan.blocks), len(compiled.plan.segments),
+                   len(primary.compiled.plan.blocks), len(primary.compiled.plan.segments))
+            )
+        for name, value in compiled.constants.items():
+            if isinstance(value, nn.Module):
+                self.add_module(name, value)
+            else:
+                self.register_buffer(name, value, persistent=False)
+        bound = BoundVariant(compiled, self, self._rc_settings)
+        if primary is None:
+            self.__dict__["_rc_primary"] = bound
+        return bound
+
+    def _variant_for(self, call: CallSignature) -> BoundVariant:
+        key = self._state_key(call)
+        variants = self._rc_variants.setdefault(key, [])
+        for variant in variants:
+            if variant.accepts(call):
+                return variant
+        if self._rc_primary is not None:
+            log.info("revcompile: tracing a new variant of %s (training=%s)", type(self._rc_original).__name__, self.training)
+        variant = self._compile(call)
+        variants.append(variant)
+        return variant
+
+    def compile_for(self, args: tuple, kwargs: dict) -> BoundVariant:
+        """Trace and convert for one example call (what ``convert`` does first)."""
+        self.__dict__["_rc_injected"] = training_defaults(self._rc_original, kwargs)
+        call = bind_call(self._rc_original, args, kwargs, self._rc_injected)
+        return self._variant_for(call)
+
+    # -- running -------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        call = bind_call(self._rc_original, args, kwargs, self._rc_injected)
+        return self._variant_for(call)(call)
+
+    # -- inspection ------------------------------------------------------------------------
+
+    @property
+    def reversible_plan(self):
+        return self._rc_primary.compiled.plan
+
+    @property
+    def reversible_settings(self) -> RuntimeSettings:
+        return self._rc_settings
+
+    @property
+    def reversible_variants(self) -> list[BoundVariant]:
+        return [v for vs in self._rc_variants.values() for v in vs]
+
+    @property
+    def original_model(self) -> nn.Module:
+        self._sync_original()
+        return self._rc_original
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("_rc_original")
+            if original is None or name.startswith("_rc_"):
+                raise
+            return getattr(original, name)
+
+    def extra_repr(self) -> str:
+        primary = self._rc_primary
+        if primary is None:
+            return "not compiled"
+        plan = primary.compiled.plan
+        return (
+            f"original={type(self._rc_original).__name__}, blocks={len(plan.blocks)}, segments={len(plan.segments)}, "
+            f"tracer={plan.tracer}, fusion={self._rc_fusion!r}, backward={self._rc_settings.mode!r}"
+        )
