@@ -97,9 +97,12 @@ class Plan:
         return tuple(tuple((b.f.parameters, b.g.parameters) for b in s.blocks) for s in self.segments)
 
     def __str__(self) -> str:
+        def count(n: int, word: str) -> str:
+            return f"{n} {word}" + ("" if n == 1 else "s")
+
         lines = [
-            f"Plan ({self.tracer or 'unknown'} tracer): {len(self.blocks)} blocks in "
-            f"{len(self.segments)} reversible segments; {self.residuals_found} residuals found, "
+            f"Plan ({self.tracer or 'unknown'} tracer): {count(len(self.blocks), 'block')} in "
+            f"{count(len(self.segments), 'reversible segment')}; {count(self.residuals_found, 'residual')} found, "
             f"{len(self.skipped)} left as they are"
         ]
         for seg in self.segments:

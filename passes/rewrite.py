@@ -34,7 +34,6 @@ __all__ = ["FUSIONS", "SegmentCall", "BranchProgram", "BlockProgram", "SegmentPr
 FUSIONS = {
     "mean": "(Y1 + Y2) / 2: both streams, at the scale of one (default)",
     "sum": "Y1 + Y2: both streams, at twice the scale of one",
-    "y2": "Y2 only; for a one-block segment this is exactly the original block",
 }
 
 
@@ -157,18 +156,19 @@ def rewrite_reversible(gm: fx.GraphModule, plan: Plan, fusion: str = "mean") -> 
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     order = {n: i for i, n in enumerate(graph.nodes)}
-    programs = []
+    # Extract every program before touching the graph: a segment's input may be the
+    # output of the segment before it, which the rewrite replaces.
+    programs = [_segment_program(nodes, segment, fusion) for segment in plan.segments]
+    replaced: dict[fx.Node, fx.Node] = {}
     for segment in plan.segments:
-        programs.append(_segment_program(nodes, segment, fusion))
         output = nodes[segment.output]
+        inputs = [nodes[segment.input], *(nodes[s] for s in segment.side_inputs)]
         with graph.inserting_before(output):
-            call = graph.call_function(
-                SegmentCall(segment.index),
-                (nodes[segment.input], *(nodes[s] for s in segment.side_inputs)),
-            )
+            call = graph.call_function(SegmentCall(segment.index), tuple(replaced.get(n, n) for n in inputs))
         call.meta = {k: v for k, v in output.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")}
         call.meta["revcompile_segment"] = segment.index
         output.replace_all_uses_with(call)
+        replaced[output] = call
         for node in sorted(_segment_nodes(nodes, segment), key=order.__getitem__, reverse=True):
             graph.erase_node(node)
     for node in list(graph.nodes):

@@ -117,7 +117,10 @@ class ReversibleModel(nn.Module):
         self._sync_original()
         primary: BoundVariant | None = self._rc_primary
         tracer = primary.compiled.tracer if primary is not None else self._rc_tracer
-        compiled = compile_variant(self._rc_original, call, tracer=tracer, fusion=self._rc_fusion, training=self.training)
+        compiled = compile_variant(
+            self._rc_original, call, tracer=tracer, fusion=self._rc_fusion, training=self.training,
+            require_blocks=primary is None,
+        )
         if primary is not None and compiled.plan.signature() != primary.compiled.plan.signature():
             raise ConversionError(
                 "tracing this call (training=%s) converted different blocks than the first trace: "

@@ -88,8 +88,14 @@ def _nothing_convertible(model: nn.Module, plan: Plan) -> ConversionError:
     )
 
 
-def compile_variant(model: nn.Module, call: CallSignature, *, tracer: str, fusion: str, training: bool) -> CompiledVariant:
-    """Compile ``model`` for one call. ``tracer='auto'`` tries fx, then torch.export."""
+def compile_variant(
+    model: nn.Module, call: CallSignature, *, tracer: str, fusion: str, training: bool, require_blocks: bool = True
+) -> CompiledVariant:
+    """Compile ``model`` for one call. ``tracer='auto'`` tries fx, then torch.export.
+
+    With ``require_blocks`` (the first conversion) finding nothing to convert is an error;
+    later variants are compared with the first one by the caller instead.
+    """
     attempts = ("fx", "export") if tracer == "auto" else (tracer,)
     failures: list[TraceFailed] = []
     notes: list[str] = []
@@ -121,7 +127,7 @@ def compile_variant(model: nn.Module, call: CallSignature, *, tracer: str, fusio
         for key, value in call.injected.items()
     )
     plan = replace(plan, tracer=trace.tracer, notes=plan.notes + tuple(notes))
-    if not plan.blocks:
+    if not plan.blocks and require_blocks:
         raise _nothing_convertible(model, plan)
 
     constants = _lift_constants(trace, model)

@@ -75,20 +75,14 @@ class _Branch:
 
 
 def _fuse(y1: torch.Tensor, y2: torch.Tensor, fusion: str) -> torch.Tensor:
-    if fusion == "mean":
-        return (y1 + y2) / 2
-    if fusion == "sum":
-        return y1 + y2
-    return y2
+    return (y1 + y2) / 2 if fusion == "mean" else y1 + y2
 
 
-def _fuse_backward(grad: torch.Tensor, y1: torch.Tensor, fusion: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _fuse_backward(grad: torch.Tensor, fusion: str) -> tuple[torch.Tensor, torch.Tensor]:
     if fusion == "mean":
         half = grad / 2
         return half, half
-    if fusion == "sum":
-        return grad, grad
-    return torch.zeros_like(y1), grad
+    return grad, grad
 
 
 # --- reproducing the forward's randomness and autocast state -------------------------------
@@ -244,7 +238,7 @@ class _ReversibleFunction(torch.autograd.Function):
         param_grads: list = [None] * len(params)
         side_grads: list = [None] * n_side
 
-        dy1, dy2 = _fuse_backward(grad_out, y1, segment.fusion)
+        dy1, dy2 = _fuse_backward(grad_out, segment.fusion)
         with _autocast_as(ctx.autocast):
             for index in reversed(range(len(segment.blocks))):
                 f, g = segment.blocks[index]

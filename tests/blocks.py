@@ -1,0 +1,153 @@
+"""Tiny transformer-shaped modules for pass-level tests, each one structural situation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DIM = 16
+
+
+class Attention(nn.Module):
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, bias=None):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
+        return self.proj(torch.softmax(scores, dim=-1) @ v)
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim=DIM):
+        super().__init__(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = nn.LayerNorm(dim), Attention(dim), nn.LayerNorm(dim), Mlp(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Stack(nn.Module):
+    """``depth`` pre-norm blocks between an input projection and a head."""
+
+    def __init__(self, depth=3, dim=DIM):
+        super().__init__()
+        self.embed = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(PreNormBlock(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class TappedStack(Stack):
+    """Returns the hidden state after block 1 as well (a hidden-state tap)."""
+
+    def forward(self, x):
+        x = self.embed(x)
+        taps = []
+        for block in self.blocks:
+            x = block(x)
+            taps.append(x)
+        return self.head(x), taps[1]
+
+
+class ParallelBlock(nn.Module):
+    """GPT-NeoX style: ``x + attn(ln(x)) + mlp(ln(x))`` with one shared norm."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.norm, self.attn, self.mlp = nn.LayerNorm(dim), Attention(dim), Mlp(dim)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.attn(h) + self.mlp(h)
+
+
+class PostNormBlock(nn.Module):
+    """BERT style: ``norm(x + f(x))``."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.attn, self.norm1, self.mlp, self.norm2 = Attention(dim), nn.LayerNorm(dim), Mlp(dim), nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
+
+
+class DecoderBlock(nn.Module):
+    """Self-attention, cross-attention on a memory, MLP: three residuals."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.n1, self.self_attn, self.n2, self.cross, self.n3, self.mlp = (
+            nn.LayerNorm(dim), Attention(dim), nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LayerNorm(dim), Mlp(dim),
+        )
+
+    def forward(self, x, memory):
+        x = x + self.self_attn(self.n1(x))
+        q = self.n2(x)
+        x = x + torch.softmax(q @ memory.transpose(-2, -1), dim=-1) @ self.cross(memory)
+        return x + self.mlp(self.n3(x))
+
+
+class InplaceStreamBlock(PreNormBlock):
+    """An MLP branch that scales the stream in place: must be refused."""
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        h = self.mlp(self.norm2(x))
+        x.mul_(0.5)
+        return x + h
+
+
+class BatchNormMlpBlock(PreNormBlock):
+    def __init__(self, dim=DIM):
+        super().__init__(dim)
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.bn(self.mlp(self.norm2(x)).transpose(1, 2)).transpose(1, 2)
+
+
+class CastingBlock(PreNormBlock):
+    """Llama style: the norm casts the stream to float32 first (a no-op in float32)."""
+
+    def forward(self, x):
+        x = x.to(torch.float32)
+        x = x + self.attn(self.norm1(x))
+        x = x.to(torch.float32)
+        return x + self.mlp(self.norm2(x))
+
+
+def sequential(*blocks) -> nn.Module:
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(blocks)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    return Model()
+
+
+def tokens(batch=2, length=5, dim=DIM, dtype=torch.float32):
+    return torch.randn(batch, length, dim, dtype=dtype)

@@ -1,0 +1,82 @@
+"""Shared helpers: gradient comparison between backward modes, parameter perturbation.
+
+The gradient comparison here is written independently of ``revcompile.verify`` so that the
+tests do not take the library's own checker on trust.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+import revcompile
+
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device; the CPU variant of this test always runs")
+
+
+def perturb_parameters(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every parameter: zero-initialised heads and scales (torchvision's ViT
+    head, LayerScale, zero biases) would otherwise hide gradients from the comparison."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            p.add_(noise.to(p.device, p.dtype) * scale)
+    return model
+
+
+def float_outputs(output) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def gradients(model, args, kwargs=None, *, mode: str, seed: int = 1234):
+    """Gradients of a fixed random projection of the outputs, w.r.t. float inputs and parameters."""
+    kwargs = kwargs or {}
+    revcompile.set_backward(model, mode)
+    args = [a.detach().clone().requires_grad_(True) if a.is_floating_point() else a for a in args]
+    torch.manual_seed(seed)
+    outputs = float_outputs(model(*args, **kwargs))
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o)).sum() for o in outputs)
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, inputs + [p for _, p in named], allow_unused=True)
+    names = [f"input {i}" for i in range(len(inputs))] + [n for n, _ in named]
+    return dict(zip(names, grads)), [o.detach() for o in outputs]
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    ref, got = ref.double(), got.double()
+    return float((got - ref).norm() / ref.norm())
+
+
+def assert_gradients_match(model, args, kwargs=None, *, tol: float, mode: str = "reversible"):
+    """Every gradient in ``mode`` equals ``"autograd"`` within ``tol`` (relative).
+
+    Also requires that every parameter of a converted block gets a non-zero reference
+    gradient, so that the comparison cannot pass vacuously.
+    """
+    reference, ref_out = gradients(model, args, kwargs, mode="autograd")
+    candidate, out = gradients(model, args, kwargs, mode=mode)
+    for a, b in zip(ref_out, out):
+        assert torch.equal(a, b), "forward outputs differ between backward modes"
+    block_params = {p for b in revcompile.explain(model).blocks for p in b.f.parameters + b.g.parameters}
+    assert block_params, "nothing was converted"
+    checked = 0
+    for name, ref in reference.items():
+        got = candidate[name]
+        if name in block_params:
+            assert ref is not None and float(ref.norm()) > 0, f"{name}: zero reference gradient, check is vacuous"
+        if ref is None:
+            assert got is None or float(got.norm()) == 0, name
+            continue
+        if float(ref.norm()) == 0:
+            assert float(got.norm()) == 0, name
+            continue
+        error = relative_error(got, ref)
+        assert error <= tol, f"{name}: relative error {error:.3e} > {tol:.0e}"
+        checked += 1
+    assert checked >= len(block_params)
+    return checked

@@ -1,0 +1,140 @@
+"""Tracing: fx first, torch.export as fallback, and the traps of exported graphs solved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import revcompile
+from revcompile import ConversionError
+from tests import blocks as B
+from tests.conftest import assert_gradients_match, perturb_parameters
+from tests.models import hf_gpt2, reference_vit
+
+
+def test_auto_prefers_fx_and_falls_back_to_export():
+    model, args, _, _ = reference_vit()
+    assert revcompile.explain(revcompile.convert(model, args)).tracer == "fx"
+    gpt2, ids, _, _ = hf_gpt2()
+    plan = revcompile.explain(revcompile.convert(gpt2, ids))
+    assert plan.tracer == "export"
+    assert any("fx tracing failed" in note for note in plan.notes)
+
+
+def test_forced_export_of_an_fx_traceable_model_is_exact():
+    torch.manual_seed(0)
+    model, (x,), _, depth = reference_vit(depth=3)
+    model = perturb_parameters(model.double())
+    converted = revcompile.convert(model, x.double(), tracer="export")
+    plan = revcompile.explain(converted)
+    assert plan.tracer == "export" and len(plan.blocks) == depth
+    assert_gradients_match(converted, (x.double(),), tol=1e-10)
+
+
+def test_exported_model_accepts_other_batch_and_sequence_lengths_without_retracing():
+    torch.manual_seed(0)
+    model, (ids,), _, _ = hf_gpt2()
+    converted = revcompile.convert(model, ids).eval()
+    converted(ids)
+    variants = len(converted.reversible_variants)
+    other = torch.randint(0, 100, (5, 9))
+    full = converted(other).last_hidden_state
+    assert full.shape == (5, 9, model.config.n_embd)
+    assert len(converted.reversible_variants) == variants
+    # the dynamic batch dimension really is per-sample: a sub-batch gives the same rows
+    torch.testing.assert_close(converted(other[:2]).last_hidden_state, full[:2])
+    torch.testing.assert_close(converted(other[:1]).last_hidden_state, full[:1])
+
+
+def test_train_and_eval_switch_dropout_on_an_exported_model():
+    torch.manual_seed(0)
+    model, (ids,), _, _ = hf_gpt2()
+    converted = revcompile.convert(model, ids)
+    converted.eval()
+    assert torch.equal(converted(ids).last_hidden_state, converted(ids).last_hidden_state)
+    converted.train()
+    torch.manual_seed(1)
+    a = converted(ids).last_hidden_state
+    torch.manual_seed(2)
+    b = converted(ids).last_hidden_state
+    assert not torch.equal(a, b)
+    torch.manual_seed(1)
+    assert torch.equal(a, converted(ids).last_hidden_state)
+    plans = {v.compiled.plan.signature() for v in converted.reversible_variants}
+    assert len(plans) == 1  # eval and train variants convert the same blocks
+
+
+def test_keyword_arguments_from_conversion_stay_optional():
+    torch.manual_seed(0)
+    model, (ids,), _, _ = hf_gpt2()
+    ones = torch.ones_like(ids)
+    converted = revcompile.convert(model, ids, {"attention_mask": ones}).eval()
+    with_mask = converted(ids, attention_mask=ones).last_hidden_state
+    without = converted(ids).last_hidden_state  # the original's default (None) works
+    torch.testing.assert_close(with_mask, without)
+
+    plain = revcompile.convert(model, ids).eval()  # and the other way round
+    torch.testing.assert_close(plain(ids, attention_mask=ones).last_hidden_state, without)
+
+
+def test_dtype_change_after_conversion_retraces_and_stays_exact():
+    torch.manual_seed(0)
+    model, (x,), _, _ = reference_vit(depth=2)
+    converted = revcompile.convert(model, x)
+    perturb_parameters(converted.double())
+    assert converted(x.double()).dtype == torch.float64
+    assert_gradients_match(converted, (x.double(),), tol=1e-10)
+
+
+def test_a_variant_converting_other_blocks_is_refused():
+    class TrainOnlyMlp(B.Stack):
+        def forward(self, x):
+            x = self.embed(x)
+            for block in self.blocks:
+                x = x + block.attn(block.norm1(x))
+                if self.training:
+                    x = x + block.mlp(block.norm2(x))
+            return self.head(x)
+
+    model = TrainOnlyMlp()
+    converted = revcompile.convert(model, B.tokens())
+    converted.eval()
+    with pytest.raises(ConversionError, match="different blocks"):
+        converted(B.tokens())
+
+
+def test_nothing_convertible_says_what_was_found():
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    with pytest.raises(ConversionError, match="no residual connections"):
+        revcompile.convert(mlp, torch.randn(2, 8))
+    with pytest.raises(ConversionError, match="parallel-residual"):
+        revcompile.convert(B.sequential(B.ParallelBlock()), B.tokens(), tracer="fx")
+
+
+def test_untraceable_model_reports_both_tracers():
+    class DataDependent(B.Stack):
+        def forward(self, x):
+            if x.sum() > 0:
+                x = -x
+            return super().forward(x)
+
+    with pytest.raises(ConversionError) as caught:
+        revcompile.convert(DataDependent(), B.tokens())
+    message = str(caught.value)
+    assert "fx:" in message and "export:" in message and "Try:" in message
+
+
+def test_bad_example_inputs_and_options_get_clear_errors():
+    model, (x,), _, _ = reference_vit(depth=1)
+    with pytest.raises(ConversionError, match="do not match"):
+        revcompile.convert(model, (x,), {"pixels": x})
+    with pytest.raises(ValueError, match="tracer"):
+        revcompile.convert(model, x, tracer="jit")
+    with pytest.raises(ValueError, match="fusion"):
+        revcompile.convert(model, x, fusion="concat")
+    converted = revcompile.convert(model, x)
+    with pytest.raises(ConversionError, match="already converted"):
+        revcompile.convert(converted, x)
+    with pytest.raises(TypeError, match="do not match"):
+        converted(x, x)
+    assert revcompile.unconvert(converted) is model

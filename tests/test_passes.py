@@ -1,0 +1,143 @@
+"""normalize_graph and rewrite_reversible: each keeps what the graph computes."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+
+from passes.detect import find_reversible_blocks
+from passes.normalize import normalize_graph
+from passes.patterns import SHAPE_QUERY
+from passes.rewrite import FUSIONS, SegmentCall, rewrite_reversible
+from revcompile.frontend import _propagate_fake
+from tests import blocks as B
+
+
+class ShapeReadingStack(torch.nn.Module):
+    """Each attention branch reshapes by ``x.shape`` read off the running stream, and the
+    model asserts the width: a shape query on every block's input, and a guard."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(B.PreNormBlock() for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            batch, length, dim = x.shape
+            torch._assert(dim == B.DIM, "width")
+            x = x + block.attn(block.norm1(x)).reshape(batch, length, dim)
+            x = x + block.mlp(block.norm2(x))
+        return x
+
+
+def _traced(model, *inputs):
+    gm = fx.symbolic_trace(model)
+    _propagate_fake(gm, list(inputs))
+    return gm
+
+
+def test_normalize_removes_guards_and_redirects_shape_queries():
+    x = B.tokens()
+    model = ShapeReadingStack()
+    gm = _traced(model, x)
+    result = normalize_graph(gm)
+    assert result.guards_removed == 3
+    assert result.shape_queries_redirected >= 2
+    queried = {n.args[0].name for n in gm.graph.nodes if SHAPE_QUERY.matches(n)}
+    assert queried == {"x"}  # all shape queries now read the stream's origin
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    plan = find_reversible_blocks(gm)  # ... which lets the three blocks chain
+    assert [len(s.blocks) for s in plan.segments] == [3]
+
+
+def test_normalize_keeps_effects_that_look_dead():
+    class Scaled(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y.div_(4)  # unused result, but it changes y
+            return y + 1
+
+    gm = _traced(Scaled(), B.tokens())
+    normalize_graph(gm)
+    x = B.tokens()
+    torch.testing.assert_close(gm(x), x * 2 / 4 + 1)
+
+
+def _rewritten(model, x, fusion="mean"):
+    gm = _traced(model, x)
+    normalize_graph(gm)
+    plan = find_reversible_blocks(gm)
+    return gm, plan, rewrite_reversible(gm, plan, fusion)
+
+
+def test_rewrite_replaces_each_segment_by_one_call():
+    x = B.tokens()
+    gm, plan, result = _rewritten(B.TappedStack(depth=4), x)
+    calls = [n for n in gm.graph.nodes if isinstance(n.target, SegmentCall)]
+    assert [c.target.index for c in calls] == [0, 1]
+    assert len(result.segments) == 2
+    # no trace of the blocks' parameters is left outside the segments
+    attrs = [str(n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
+    assert not any(a.startswith("blocks.") for a in attrs)
+    program = result.segments[0]
+    assert [b.name for b in program.blocks] == ["blocks.0", "blocks.1"]
+    f_graph = program.blocks[0].f.graph
+    placeholders = [n for n in f_graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == 1 + len(program.blocks[0].f.side_inputs)
+    assert set(program.parameters) == {p for b in plan.segments[0].blocks for p in b.f.parameters + b.g.parameters}
+
+
+def _run_coupled(model, program, x, fusion):
+    """Evaluate a segment program directly: X1 = X2 = x, Y1 = X1 + F(X2), Y2 = X2 + G(Y1)."""
+    x1 = x2 = x
+    for block in program.blocks:
+        f = fx.GraphModule(model, block.f.graph)
+        g = fx.GraphModule(model, block.g.graph)
+        y1 = x1 + f(x2)
+        y2 = x2 + g(y1)
+        x1, x2 = y1, y2
+    return {"mean": (x1 + x2) / 2, "sum": x1 + x2}[fusion]
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_extracted_branches_compute_the_coupling(fusion):
+    torch.manual_seed(0)
+    model = B.Stack(depth=3).eval()
+    x = B.tokens()
+    gm, plan, result = _rewritten(model, x, fusion)
+    program = result.segments[0]
+    stream = model.embed(x)
+    expected = model.head(_run_coupled(model, program, stream, fusion))
+    from revcompile.runtime import ReversibleSegment, RuntimeSettings
+
+    segment = ReversibleSegment(program, model, RuntimeSettings())
+    for node in gm.graph.nodes:
+        if isinstance(node.target, SegmentCall):
+            node.target = segment
+    gm.recompile()
+    torch.testing.assert_close(gm(x), expected, rtol=0, atol=0)
+
+
+def test_unknown_fusion_is_rejected():
+    gm = _traced(B.Stack(depth=1), B.tokens())
+    with pytest.raises(ValueError, match="fusion"):
+        rewrite_reversible(gm, find_reversible_blocks(gm), "concat")
+
+
+def test_segment_marker_cannot_run_unbound():
+    with pytest.raises(RuntimeError, match="unbound"):
+        SegmentCall(0)(torch.zeros(1))
+
+
+def test_add_patterns_cover_both_dialects():
+    from passes.patterns import RESIDUAL_ADD
+
+    graph = fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    for target in (operator.add, torch.add, torch.ops.aten.add.Tensor):
+        assert RESIDUAL_ADD.matches(graph.call_function(target, (a, b)))
+    assert RESIDUAL_ADD.matches(graph.call_method("add", (a, b)))
+    assert not RESIDUAL_ADD.matches(graph.call_function(torch.mul, (a, b)))
