@@ -17,6 +17,7 @@ does not, the call fails rather than silently computing a different architecture
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -96,7 +97,8 @@ class ReversibleModel(nn.Module):
         state["_rc_fusion"] = fusion
         state["_rc_settings"] = RuntimeSettings()
         state["_rc_variants"] = {}
-        state["_rc_primary"] = None
+        state["_rc_plan"] = None  # the first variant's plan: every later variant must match it
+        state["_rc_tracer_used"] = None
         state["_rc_injected"] = {}
 
     # -- compiling variants ------------------------------------------------------------
@@ -115,29 +117,31 @@ class ReversibleModel(nn.Module):
 
     def _compile(self, call: CallSignature) -> BoundVariant:
         self._sync_original()
-        primary: BoundVariant | None = self._rc_primary
-        tracer = primary.compiled.tracer if primary is not None else self._rc_tracer
+        expected = self._rc_plan
         compiled = compile_variant(
-            self._rc_original, call, tracer=tracer, fusion=self._rc_fusion, training=self.training,
-            require_blocks=primary is None,
+            self._rc_original, call, tracer=self._rc_tracer_used or self._rc_tracer, fusion=self._rc_fusion,
+            training=self.training, require_blocks=expected is None,
         )
-        if primary is not None and compiled.plan.signature() != primary.compiled.plan.signature():
+        if expected is not None and compiled.plan.signature() != expected.signature():
             raise ConversionError(
                 "tracing this call (training=%s) converted different blocks than the first trace: "
                 "%d blocks in %d segments instead of %d in %d. The model's structure depends on how it "
                 "is called; convert it with example inputs of the kind used here."
                 % (self.training, len(compiled.plan.blocks), len(compiled.plan.segments),
-                   len(primary.compiled.plan.blocks), len(primary.compiled.plan.segments))
+                   len(expected.blocks), len(expected.segments))
             )
+        if expected is None:
+            self.__dict__["_rc_plan"] = compiled.plan
+            self.__dict__["_rc_tracer_used"] = compiled.tracer
         for name, value in compiled.constants.items():
             if isinstance(value, nn.Module):
                 self.add_module(name, value)
             else:
                 self.register_buffer(name, value, persistent=False)
-        bound = BoundVariant(compiled, self, self._rc_settings)
-        if primary is None:
-            self.__dict__["_rc_primary"] = bound
-        return bound
+        return self._bind(compiled)
+
+    def _bind(self, compiled: CompiledVariant) -> BoundVariant:
+        return BoundVariant(compiled, self, self._rc_settings)
 
     def _variant_for(self, call: CallSignature) -> BoundVariant:
         key = self._state_key(call)
@@ -145,7 +149,7 @@ class ReversibleModel(nn.Module):
         for variant in variants:
             if variant.accepts(call):
                 return variant
-        if self._rc_primary is not None:
+        if self._rc_plan is not None:
             log.info("revcompile: tracing a new variant of %s (training=%s)", type(self._rc_original).__name__, self.training)
         variant = self._compile(call)
         variants.append(variant)
@@ -167,7 +171,7 @@ class ReversibleModel(nn.Module):
 
     @property
     def reversible_plan(self):
-        return self._rc_primary.compiled.plan
+        return self._rc_plan
 
     @property
     def reversible_settings(self) -> RuntimeSettings:
@@ -191,11 +195,34 @@ class ReversibleModel(nn.Module):
                 raise
             return getattr(original, name)
 
+    # -- copies and pickles -------------------------------------------------------------------
+
+    def __deepcopy__(self, memo):
+        """Copy the model state; rebind the compiled variants (they hold no model state)."""
+        self._sync_original()
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        state = {k: v for k, v in self.__dict__.items() if k != "_rc_variants"}
+        clone.__dict__.update(copy.deepcopy(state, memo))
+        clone.__dict__["_rc_variants"] = {
+            key: [clone._bind(variant.compiled) for variant in variants] for key, variants in self._rc_variants.items()
+        }
+        return clone
+
+    def __getstate__(self):
+        """Pickle the model state and the plan; variants are traced again on first use."""
+        self._sync_original()
+        state = dict(self.__dict__)
+        state["_rc_variants"] = {}
+        for name in [n for n in state["_buffers"] if n.startswith("_revcompile_constant_")]:
+            state["_buffers"] = {k: v for k, v in state["_buffers"].items() if k != name}
+        state["_modules"] = {k: v for k, v in state["_modules"].items() if not k.startswith("_revcompile_constant_")}
+        return state
+
     def extra_repr(self) -> str:
-        primary = self._rc_primary
-        if primary is None:
+        plan = self._rc_plan
+        if plan is None:
             return "not compiled"
-        plan = primary.compiled.plan
         return (
             f"original={type(self._rc_original).__name__}, blocks={len(plan.blocks)}, segments={len(plan.segments)}, "
             f"tracer={plan.tracer}, fusion={self._rc_fusion!r}, backward={self._rc_settings.mode!r}"

@@ -138,3 +138,37 @@ def test_bad_example_inputs_and_options_get_clear_errors():
     with pytest.raises(TypeError, match="do not match"):
         converted(x, x)
     assert revcompile.unconvert(converted) is model
+
+
+def test_deepcopy_is_an_independent_converted_model():
+    import copy
+
+    torch.manual_seed(0)
+    model, (x,), _, _ = reference_vit(depth=2)
+    converted = revcompile.convert(model, x)
+    clone = copy.deepcopy(converted)
+    assert not set(map(id, clone.parameters())) & set(map(id, converted.parameters()))
+    torch.manual_seed(5)
+    a = converted(x)
+    torch.manual_seed(5)
+    assert torch.equal(clone(x), a)  # same function, same random masks
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(1.5)
+    torch.manual_seed(5)
+    assert torch.equal(converted(x), a)  # the original conversion is untouched
+    clone(x).sum().backward()
+    assert all(p.grad is not None for p in clone.parameters()) and all(p.grad is None for p in converted.parameters())
+    # the copy's compiled graphs read the copy's live attributes, not snapshots
+    assert clone.reversible_variants[0].module._buffers is clone._buffers
+
+
+def test_pickled_model_retraces_and_keeps_its_plan(tmp_path):
+    torch.manual_seed(0)
+    model, (x,), _, _ = reference_vit(depth=2)
+    converted = revcompile.convert(model, x)
+    torch.save(converted, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert revcompile.explain(loaded) == revcompile.explain(converted)
+    loaded.eval(), converted.eval()
+    assert torch.equal(loaded(x), converted(x))
