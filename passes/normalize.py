@@ -11,6 +11,10 @@ Both tracers leave nodes that hide the shape of a transformer from a structural 
   used by later blocks ties blocks together through metadata only. A residual add
   ``s + r`` has the shape of ``s``, so such a query is redirected to the earliest stream
   value with the same shape -- an exact rewrite that frees the blocks.
+* parallel residuals written left to right: ``x + attn(h) + mlp(h)`` evaluates as
+  ``(x + a) + m``, which hides that both branches read ``x``. When ``m`` does not read
+  ``x + a``, the sum is reassociated to ``x + (a + m)``, the form GPT-NeoX and Phi use,
+  so that detection sees one residual with two parts. (Only the rounding order changes.)
 
 The pass edits the graph in place and returns what it did.
 """
@@ -22,7 +26,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from passes.patterns import GUARD, RESIDUAL_ADD, SHAPE_QUERY, is_inplace
+from passes.graph_view import shape_key
+from passes.patterns import (
+    GUARD,
+    RESIDUAL_ADD,
+    SHAPE_QUERY,
+    is_inplace,
+    is_layout_reshape,
+)
 
 __all__ = ["NormalizeResult", "normalize_graph"]
 
@@ -33,18 +44,15 @@ class NormalizeResult:
     guards_removed: int
     shape_queries_redirected: int
     dead_metadata_removed: int
+    parallel_sums_reassociated: int = 0
 
     @property
     def modified(self) -> bool:
-        return bool(self.guards_removed or self.shape_queries_redirected or self.dead_metadata_removed)
+        return bool(self.guards_removed or self.shape_queries_redirected or self.dead_metadata_removed or self.parallel_sums_reassociated)
 
 
 def _shape_of(node) -> tuple | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if isinstance(val, torch.Tensor):
-        return tuple(val.shape)
-    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+    return shape_key(node)
 
 
 def _is_guard_call(node: fx.Node, root) -> bool:
@@ -67,24 +75,71 @@ def _is_metadata_value(node: fx.Node) -> bool:
 
 
 def _stream_origin(value: fx.Node) -> fx.Node:
-    """Walk `s + r` -> `s` while shapes are preserved, returning the earliest stream value."""
+    """The earliest stream value with ``value``'s shape, walking back through residual adds
+    (``s + r`` has the shape of ``s``) and layout reshapes (they only re-index)."""
     shape = _shape_of(value)
     if shape is None:
         return value
-    current = value
-    while current.op in ("call_function", "call_method") and RESIDUAL_ADD.matches(current):
-        operands = [a for a in current.args[:2] if isinstance(a, fx.Node)]
-        same = [a for a in operands if _shape_of(a) == shape]
-        if len(operands) != 2 or not same:
+    current, origin = value, value
+    while True:
+        if RESIDUAL_ADD.matches(current):
+            operands = [a for a in current.args[:2] if isinstance(a, fx.Node)]
+            same = [a for a in operands if _shape_of(a) == _shape_of(current)]
+            if len(operands) != 2 or not same:
+                break
+            # The operand created first is the one further up the stream.
+            current = same[0] if len(same) == 1 else min(same, key=_position(current.graph))
+        elif is_layout_reshape(current):
+            current = current.args[0]
+        else:
             break
-        # The operand created first is the one further up the stream.
-        current = same[0] if len(same) == 1 else min(same, key=_position(current.graph))
-    return current
+        if _shape_of(current) == shape:
+            origin = current
+    return origin
 
 
 def _position(graph: fx.Graph):
     order = {n: i for i, n in enumerate(graph.nodes)}
     return lambda n: order[n]
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, pending = set(), [node]
+    while pending:
+        for inp in pending.pop().all_input_nodes:
+            if inp not in seen:
+                seen.add(inp)
+                pending.append(inp)
+    return seen
+
+
+def _reassociate_parallel_sums(graph: fx.Graph) -> int:
+    """``y = (x + a) + m`` with ``a`` and ``m`` both computed from ``x`` -> ``x + (a + m)``."""
+    count = 0
+    for y in list(graph.nodes):
+        if not RESIDUAL_ADD.matches(y) or len(y.args) != 2 or y.kwargs:
+            continue
+        for t, m in (y.args, y.args[::-1]):
+            if not (isinstance(t, fx.Node) and isinstance(m, fx.Node) and RESIDUAL_ADD.matches(t)):
+                continue
+            if len(t.users) != 1 or len(t.args) != 2 or t.kwargs or not all(isinstance(a, fx.Node) for a in t.args):
+                continue
+            m_ancestors = _ancestors(m)
+            if t in m_ancestors:
+                continue  # m reads x + a: a sequential block, not a parallel one
+            for x, a in (t.args, t.args[::-1]):
+                if x in _ancestors(a) and x in m_ancestors and _shape_of(a) == _shape_of(m) == _shape_of(x):
+                    with graph.inserting_before(y):
+                        branches = graph.call_function(t.target, (a, m))
+                    branches.meta = dict(a.meta)
+                    y.args = (x, branches)
+                    graph.erase_node(t)
+                    count += 1
+                    break
+            else:
+                continue
+            break
+    return count
 
 
 def normalize_graph(gm: fx.GraphModule) -> NormalizeResult:
@@ -121,6 +176,7 @@ def normalize_graph(gm: fx.GraphModule) -> NormalizeResult:
             graph.erase_node(node)
             dead += 1
 
+    reassociated = _reassociate_parallel_sums(graph)
     graph.lint()
     gm.recompile()
-    return NormalizeResult(gm, len(guards), redirected, dead)
+    return NormalizeResult(gm, len(guards), redirected, dead, reassociated)

@@ -30,9 +30,12 @@ __all__ = [
     "SHAPE_QUERY",
     "GUARD",
     "STREAM_TRANSPARENT",
+    "LAYOUT_RESHAPE",
+    "NORM",
     "VIEW",
     "STATEFUL_MODULES",
     "is_inplace",
+    "is_layout_reshape",
     "module_of",
 ]
 
@@ -46,6 +49,17 @@ def _overloads(*packets) -> frozenset:
     return frozenset(found)
 
 
+def _aten_overloads(*names: str) -> frozenset:
+    """Like ``_overloads`` by name, skipping ops this torch version does not have."""
+    packets = []
+    for name in names:
+        try:
+            packets.append(getattr(aten, name))
+        except (AttributeError, RuntimeError):
+            continue
+    return _overloads(*packets)
+
+
 @dataclass(frozen=True)
 class OpPattern:
     """One kind of operation, in every spelling a traced graph may use for it.
@@ -53,6 +67,8 @@ class OpPattern:
     ``functions`` are ``call_function`` targets, ``methods`` are ``call_method`` names
     (``x.softmax(...)``), ``modules`` are ``call_module`` leaf types, and ``attributes``
     are ``getattr(x, name)`` lookups that fx records as calls of the builtin ``getattr``.
+    ``name_hints`` match opaque leaves by name (a function's ``__name__`` or a leaf
+    module's class name, lower-cased), for libraries that hide an op from fx.
     """
 
     name: str
@@ -60,17 +76,27 @@ class OpPattern:
     methods: frozenset = frozenset()
     modules: tuple = ()
     attributes: frozenset = frozenset()
+    name_hints: tuple = ()
 
     def matches(self, node: fx.Node, root: nn.Module | None = None) -> bool:
         if node.op == "call_function":
             if node.target is getattr and self.attributes:
                 return len(node.args) >= 2 and node.args[1] in self.attributes
-            return node.target in self.functions
+            if node.target in self.functions:
+                return True
+            return self._hinted(getattr(node.target, "__name__", ""))
         if node.op == "call_method":
             return node.target in self.methods
-        if node.op == "call_module" and root is not None and self.modules:
-            return isinstance(module_of(node, root), self.modules)
+        if node.op == "call_module" and root is not None:
+            module = module_of(node, root)
+            if self.modules and isinstance(module, self.modules):
+                return True
+            return module is not None and self._hinted(type(module).__name__)
         return False
+
+    def _hinted(self, name: str) -> bool:
+        name = name.lower()
+        return any(hint in name for hint in self.name_hints)
 
     def __add__(self, other: "OpPattern") -> "OpPattern":
         return OpPattern(
@@ -79,6 +105,7 @@ class OpPattern:
             methods=self.methods | other.methods,
             modules=self.modules + other.modules,
             attributes=self.attributes | other.attributes,
+            name_hints=self.name_hints + other.name_hints,
         )
 
 
@@ -119,6 +146,8 @@ ATTENTION = OpPattern(
     ),
     methods=frozenset({"softmax"}),
     modules=(nn.MultiheadAttention, nn.Softmax),
+    # opaque attention leaves: torchvision's fx-wrapped shifted_window_attention, say
+    name_hints=("attention",),
 )
 
 # Ops that read only metadata (shape, rank, dtype) of a tensor. Residual adds preserve
@@ -154,6 +183,26 @@ STREAM_TRANSPARENT = OpPattern(
     name="stream_transparent",
     functions=frozenset(_overloads(aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias)),
     methods=frozenset({"to", "float", "contiguous", "type_as", "clone"}),
+)
+
+# Reshapes to an explicit size list. They only re-index elements in row-major order, so
+# applying one to any tensor with the same elements in the same order gives the same
+# result, whatever that tensor's own shape: the stream can be kept in one layout and
+# re-laid-out at each branch (timm Swin's `x.reshape(B, -1, C)` around its MLP residual).
+LAYOUT_RESHAPE = OpPattern(
+    name="layout_reshape",
+    functions=frozenset({torch.reshape} | _overloads(aten.view, aten.reshape, aten._unsafe_view)),
+    methods=frozenset({"view", "reshape"}),
+)
+
+# Normalisations that post-norm blocks apply to the stream after a residual add.
+NORM = OpPattern(
+    name="norm",
+    functions=frozenset(
+        {getattr(F, f) for f in ("layer_norm", "rms_norm") if hasattr(F, f)}
+        | _aten_overloads("layer_norm", "native_layer_norm", "rms_norm")
+    ),
+    modules=tuple(getattr(nn, m) for m in ("LayerNorm", "RMSNorm") if hasattr(nn, m)),
 )
 
 # Ops whose result shares storage with their first argument: an in-place write through
@@ -197,6 +246,16 @@ VIEW = OpPattern(
 STATEFUL_MODULES = (nn.modules.batchnorm._BatchNorm,)
 
 _INPLACE_FUNCTIONS = frozenset({operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv})
+
+
+def is_layout_reshape(node: fx.Node) -> bool:
+    """A reshape to an explicit size list (not a dtype view, not a dim-relative flatten)."""
+    if not LAYOUT_RESHAPE.matches(node) or len(node.args) < 2:
+        return False
+    sizes = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    return all(isinstance(s, (int, fx.Node)) and not isinstance(s, bool) for s in sizes) and not any(
+        isinstance(s, fx.Node) and isinstance(s.meta.get("val"), torch.Tensor) for s in sizes
+    )
 
 
 def is_inplace(node: fx.Node, root: nn.Module | None = None) -> bool:

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Branch", "Residual", "Block", "Segment", "Skipped", "Plan"]
+__all__ = ["Branch", "Residual", "COUPLINGS", "Block", "Segment", "Skipped", "Plan"]
 
 
 @dataclass(frozen=True)
 class Branch:
-    """A single-entry single-exit region computing one residual branch."""
+    """A single-entry region computing one branch of a coupled block.
+
+    The branch's value is the sum of ``outputs``: one output for most branches, one per
+    attention residual when a decoder block's self- and cross-attention form ``F``.
+    """
 
     kind: str  # "attention" | "mlp" | "other"
     entry: str  # the stream value the branch reads
     nodes: tuple[str, ...]  # the region, in program order
-    output: str
+    outputs: tuple[str, ...]
     side_inputs: tuple[str, ...]  # values read from outside that do not depend on the stream
     parameters: tuple[str, ...]  # qualified names of the parameters it reads
     modules: tuple[str, ...]  # module paths the region's ops come from
@@ -29,30 +33,47 @@ class Branch:
 
 @dataclass(frozen=True)
 class Residual:
+    """An add ``stream + branch`` whose branch is a single-entry single-exit region.
+
+    ``parallel`` holds the attention and MLP parts of a parallel-residual branch
+    (``x + attn(ln(x)) + mlp(ln(x))``), when the branch is one.
+    """
+
     add: str
     stream: str
     branch: Branch
+    parallel: tuple[Branch, Branch] | None = None
 
     @property
     def kind(self) -> str:
-        return self.branch.kind
+        return "parallel" if self.parallel else self.branch.kind
+
+
+# How a block's residuals map onto the coupling Y1 = X1 + F(X2), Y2 = X2 + G(Y1).
+COUPLINGS = {
+    "sequential": "x + attn(x), then + mlp(.): F = the attention branch, G = the MLP branch",
+    "decoder": "self- and cross-attention residuals, then MLP: F(x) = sa(x) + ca(x + sa(x)), G = MLP",
+    "parallel": "x + attn(x) + mlp(x): F = the attention part, G = the MLP part",
+}
 
 
 @dataclass(frozen=True)
 class Block:
-    """An attention residual and the MLP residual after it, as the coupling will run them.
+    """One reversible block: the residual adds it replaces and the two branches it couples.
 
-    ``f`` is the attention branch and ``g`` the MLP branch. When a cast sits on the stream
-    between two residuals (Llama's ``x.to(float32)``), it is part of the branch after it.
+    Casts, layout reshapes and (with ``post_norm="move"``) norms sitting on the stream
+    between residuals are part of the branch that follows them.
     """
 
     name: str
     input: str
     output: str
-    attention: Residual
-    mlp: Residual
+    residuals: tuple[str, ...]
+    coupling: str  # a key of COUPLINGS
     f: Branch
     g: Branch
+    replaces: tuple[str, ...] = ()  # every node of the traced graph the block takes over
+    post_norm_moved: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,7 @@ class Segment:
     output: str
     side_inputs: tuple[str, ...]
     ends_because: str
+    output_layout: str | None = None  # a reshape re-applied to the output when its layout differs
 
     @property
     def name(self) -> str:
@@ -107,8 +129,11 @@ class Plan:
         ]
         for seg in self.segments:
             side = ", ".join(seg.side_inputs) or "none"
+            kinds = sorted({b.coupling for b in seg.blocks} - {"sequential"})
+            kinds += ["post-norm moved into branches"] if any(b.post_norm_moved for b in seg.blocks) else []
+            how = f", {', '.join(kinds)}" if kinds else ""
             lines.append(
-                f"  segment {seg.index}: {seg.name} ({len(seg.blocks)} blocks), input {seg.input}, "
+                f"  segment {seg.index}: {seg.name} ({count(len(seg.blocks), 'block')}{how}), input {seg.input}, "
                 f"side inputs: {side}; ends: {seg.ends_because}"
             )
         for skip in self.skipped:

@@ -22,10 +22,12 @@ still fit).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
 
+from passes.graph_view import shape_key
 from passes.plan import Branch, Plan, Segment
 
 __all__ = ["FUSIONS", "SegmentCall", "BranchProgram", "BlockProgram", "SegmentProgram", "RewriteResult", "rewrite_reversible"]
@@ -96,7 +98,7 @@ class RewriteResult:
         return bool(self.segments)
 
 
-def _extract_branch(nodes: dict[str, fx.Node], branch: Branch, side_inputs: tuple[str, ...], name: str) -> BranchProgram:
+def _extract_branch(nodes: dict[str, fx.Node], branch: Branch, side_inputs: tuple[str, ...], name: str, layout) -> BranchProgram:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     entry = nodes[branch.entry]
@@ -116,7 +118,14 @@ def _extract_branch(nodes: dict[str, fx.Node], branch: Branch, side_inputs: tupl
     for node_name in branch.nodes:
         node = nodes[node_name]
         env[node] = graph.node_copy(node, lookup)
-    graph.output(env[nodes[branch.output]])
+    outputs = [env[nodes[o]] for o in branch.outputs]
+    value = outputs[0]
+    for other in outputs[1:]:  # a decoder block's F: self- plus cross-attention
+        value = graph.call_function(operator.add, (value, other))
+    if shape_key(nodes[branch.outputs[0]]) != layout:
+        # the branch ran in another layout (timm Swin's MLP on (B, H*W, C)): back to the stream's
+        value = graph.call_method("reshape_as", (value, env[entry]))
+    graph.output(value)
     graph.lint()
     return BranchProgram(
         name=name,
@@ -129,11 +138,12 @@ def _extract_branch(nodes: dict[str, fx.Node], branch: Branch, side_inputs: tupl
 
 
 def _segment_program(nodes: dict[str, fx.Node], segment: Segment, fusion: str) -> SegmentProgram:
+    layout = shape_key(nodes[segment.input])
     blocks = tuple(
         BlockProgram(
             name=block.name,
-            f=_extract_branch(nodes, block.f, segment.side_inputs, f"{block.name}:F"),
-            g=_extract_branch(nodes, block.g, segment.side_inputs, f"{block.name}:G"),
+            f=_extract_branch(nodes, block.f, segment.side_inputs, f"{block.name}:F", layout),
+            g=_extract_branch(nodes, block.g, segment.side_inputs, f"{block.name}:G", layout),
         )
         for block in segment.blocks
     )
@@ -141,12 +151,7 @@ def _segment_program(nodes: dict[str, fx.Node], segment: Segment, fusion: str) -
 
 
 def _segment_nodes(nodes: dict[str, fx.Node], segment: Segment) -> list[fx.Node]:
-    names = set()
-    for block in segment.blocks:
-        names.update(block.f.nodes)
-        names.update(block.g.nodes)
-        names.update({block.attention.add, block.mlp.add})
-    return [nodes[n] for n in names]
+    return [nodes[n] for block in segment.blocks for n in block.replaces]
 
 
 def rewrite_reversible(gm: fx.GraphModule, plan: Plan, fusion: str = "mean") -> RewriteResult:
@@ -167,8 +172,15 @@ def rewrite_reversible(gm: fx.GraphModule, plan: Plan, fusion: str = "mean") -> 
             call = graph.call_function(SegmentCall(segment.index), tuple(replaced.get(n, n) for n in inputs))
         call.meta = {k: v for k, v in output.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")}
         call.meta["revcompile_segment"] = segment.index
-        output.replace_all_uses_with(call)
-        replaced[output] = call
+        result = call
+        if segment.output_layout is not None:
+            # put the output back in the layout its readers were traced with
+            reshape = nodes[segment.output_layout]
+            with graph.inserting_after(call):
+                result = graph.node_copy(reshape, lambda a: call if a is reshape.args[0] else replaced.get(a, a))
+            result.meta = {k: v for k, v in output.meta.items() if k in ("val", "tensor_meta")}
+        output.replace_all_uses_with(result)
+        replaced[output] = result
         for node in sorted(_segment_nodes(nodes, segment), key=order.__getitem__, reverse=True):
             graph.erase_node(node)
     for node in list(graph.nodes):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from passes.detect import POST_NORM
 from passes.plan import Plan
 from passes.rewrite import FUSIONS
 from revcompile.converted import ReversibleModel
@@ -21,6 +22,7 @@ def convert(
     *,
     tracer: str = "auto",
     fusion: str = "mean",
+    post_norm: str = "skip",
 ) -> ReversibleModel:
     """Rewrite the residual attention/MLP chains of ``model`` into reversible segments.
 
@@ -34,6 +36,8 @@ def convert(
 
     ``tracer``: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
     ``fusion``: how a segment's two streams become one tensor: one of ``FUSIONS``.
+    ``post_norm``: ``"skip"`` leaves post-norm blocks (BERT: ``norm(x + f(x))``) as they are;
+    ``"move"`` converts them with each such norm moved into the branch after it.
     Raises ``ConversionError`` when tracing fails or nothing is convertible.
     """
     if not isinstance(model, nn.Module):
@@ -44,8 +48,10 @@ def convert(
         raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {fusion!r}")
+    if post_norm not in POST_NORM:
+        raise ValueError(f"post_norm must be one of {sorted(POST_NORM)}, got {post_norm!r}")
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    converted = ReversibleModel(model, tracer=tracer, fusion=fusion)
+    converted = ReversibleModel(model, tracer=tracer, fusion=fusion, post_norm=post_norm)
     try:
         converted.compile_for(args, dict(example_kwargs or {}))
     except TypeError as err:

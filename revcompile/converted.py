@@ -84,7 +84,7 @@ def _leaf_key(value):
 class ReversibleModel(nn.Module):
     """``original`` with its residual attention/MLP chains running as reversible segments."""
 
-    def __init__(self, original: nn.Module, *, tracer: str, fusion: str):
+    def __init__(self, original: nn.Module, *, tracer: str, fusion: str, post_norm: str = "skip"):
         super().__init__()
         self._modules.update(original._modules)
         self._parameters.update(original._parameters)
@@ -95,6 +95,7 @@ class ReversibleModel(nn.Module):
         state["_rc_original"] = original
         state["_rc_tracer"] = tracer
         state["_rc_fusion"] = fusion
+        state["_rc_post_norm"] = post_norm
         state["_rc_settings"] = RuntimeSettings()
         state["_rc_variants"] = {}
         state["_rc_plan"] = None  # the first variant's plan: every later variant must match it
@@ -105,8 +106,10 @@ class ReversibleModel(nn.Module):
 
     def _state_key(self, call: CallSignature) -> tuple:
         leaves, spec = pytree.tree_flatten((call.positional, call.keyword))
-        modes = tuple(m.training for m in self.modules())
-        tensors = {(t.dtype, t.device) for t in self.parameters()} | {(t.dtype, t.device) for t in self.buffers()}
+        # the model's own state, not the constants revcompile registered for its traces
+        modes = tuple(m.training for name, m in self.named_modules() if "_revcompile_constant_" not in name)
+        own = [t for name, t in self.named_buffers() if "_revcompile_constant_" not in name]
+        tensors = {(t.dtype, t.device) for t in (*self.parameters(), *own)}
         return (modes, spec, tuple(_leaf_key(v) for v in leaves), frozenset(tensors))
 
     def _sync_original(self) -> None:
@@ -120,7 +123,7 @@ class ReversibleModel(nn.Module):
         expected = self._rc_plan
         compiled = compile_variant(
             self._rc_original, call, tracer=self._rc_tracer_used or self._rc_tracer, fusion=self._rc_fusion,
-            training=self.training, require_blocks=expected is None,
+            training=self.training, post_norm=self._rc_post_norm, require_blocks=expected is None,
         )
         if expected is not None and compiled.plan.signature() != expected.signature():
             raise ConversionError(

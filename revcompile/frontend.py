@@ -126,8 +126,15 @@ def _trace_fx(model: nn.Module, call: CallSignature) -> Trace:
         elif not isinstance(call.keyword[name], torch.Tensor):
             concrete[name] = call.keyword[name]  # flags and sizes are specialised
     tracer = _Tracer()
-    graph = tracer.trace(model, concrete_args=concrete or None)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    before = set(model.__dict__)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    finally:
+        # fx stores tensor constants it meets as attributes of the traced module
+        # (`_tensor_constant0`); they belong to the trace, not to the user's model.
+        for name in set(model.__dict__) - before:
+            delattr(model, name)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = list(signature.parameters)
     for node, name in zip(placeholders, names):
@@ -217,6 +224,8 @@ def trace_model(model: nn.Module, call: CallSignature, tracer: str, *, training:
         model.training = training
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
+            # a trace runs the forward on fake tensors: keep them away from the caller's hooks
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
             stack.enter_context(torch.autocast("cpu", enabled=False))
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))

@@ -89,7 +89,14 @@ def _nothing_convertible(model: nn.Module, plan: Plan) -> ConversionError:
 
 
 def compile_variant(
-    model: nn.Module, call: CallSignature, *, tracer: str, fusion: str, training: bool, require_blocks: bool = True
+    model: nn.Module,
+    call: CallSignature,
+    *,
+    tracer: str,
+    fusion: str,
+    training: bool,
+    post_norm: str = "skip",
+    require_blocks: bool = True,
 ) -> CompiledVariant:
     """Compile ``model`` for one call. ``tracer='auto'`` tries fx, then torch.export.
 
@@ -107,7 +114,7 @@ def compile_variant(
             failures.append(failure)
             continue
         normalize_graph(trace.graph_module)
-        plan = find_reversible_blocks(trace.graph_module)
+        plan = find_reversible_blocks(trace.graph_module, post_norm=post_norm)
         if best is None or len(plan.blocks) > len(best[1].blocks):
             best = (trace, plan)
         if plan.blocks:

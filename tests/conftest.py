@@ -52,31 +52,45 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm())
 
 
+def zero_level(gradients, dtype) -> float:
+    """Below this norm a gradient is rounding noise: 1000 ulps of the largest gradient.
+
+    Some gradients are zero in exact arithmetic (a key-projection bias: softmax ignores a
+    per-query shift), so both modes return noise and a relative error means nothing.
+    """
+    scale = max((float(g.double().norm()) for g in gradients if g is not None), default=0.0)
+    return 1e3 * torch.finfo(dtype).eps * scale
+
+
 def assert_gradients_match(model, args, kwargs=None, *, tol: float, mode: str = "reversible"):
     """Every gradient in ``mode`` equals ``"autograd"`` within ``tol`` (relative).
 
-    Also requires that every parameter of a converted block gets a non-zero reference
-    gradient, so that the comparison cannot pass vacuously.
+    Gradients that are zero to working precision are compared absolutely. Every branch of
+    every converted block must have a parameter with a real (non-zero) gradient, so that
+    the comparison cannot pass vacuously.
     """
     reference, ref_out = gradients(model, args, kwargs, mode="autograd")
     candidate, out = gradients(model, args, kwargs, mode=mode)
     for a, b in zip(ref_out, out):
         assert torch.equal(a, b), "forward outputs differ between backward modes"
-    block_params = {p for b in revcompile.explain(model).blocks for p in b.f.parameters + b.g.parameters}
-    assert block_params, "nothing was converted"
-    checked = 0
+    dtype = next(g.dtype for g in reference.values() if g is not None)
+    floor = zero_level(reference.values(), dtype)
+    plan = revcompile.explain(model)
+    assert plan.blocks, "nothing was converted"
+    nonzero = set()
     for name, ref in reference.items():
         got = candidate[name]
-        if name in block_params:
-            assert ref is not None and float(ref.norm()) > 0, f"{name}: zero reference gradient, check is vacuous"
         if ref is None:
-            assert got is None or float(got.norm()) == 0, name
+            assert got is None or float(got.norm()) <= floor, name
             continue
-        if float(ref.norm()) == 0:
-            assert float(got.norm()) == 0, name
+        difference = float((got.double() - ref.double()).norm())
+        if float(ref.double().norm()) <= floor:
+            assert difference <= floor, f"{name}: zero gradient in autograd, {difference:.2e} here"
             continue
         error = relative_error(got, ref)
         assert error <= tol, f"{name}: relative error {error:.3e} > {tol:.0e}"
-        checked += 1
-    assert checked >= len(block_params)
-    return checked
+        nonzero.add(name)
+    for block in plan.blocks:
+        for branch in (block.f, block.g):
+            assert set(branch.parameters) & nonzero, f"{block.name}: no parameter with a real gradient, check is vacuous"
+    return len(nonzero)

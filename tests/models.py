@@ -80,6 +80,146 @@ def hf_llama(depth=3):
     return model, (torch.randint(0, 100, (BATCH, TOKENS)),), {}, depth
 
 
+def timm_swin(depths=(2, 2)):
+    import timm
+
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, window_size=4, embed_dim=WIDTH,
+        depths=depths, num_heads=(2, 4), num_classes=5, drop_path_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1,
+    )
+    return model, (_images(),), {}, sum(depths)
+
+
+def timm_mvitv2():
+    from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+
+    cfg = MultiScaleVitCfg(depths=(1, 2), embed_dim=WIDTH, num_heads=1)
+    model = MultiScaleVit(cfg, img_size=(32, 32), num_classes=5, drop_path_rate=0.1)
+    # stage 2 starts with a transition block (pooled skip path): it stays ordinary autograd
+    return model, (_images(),), {}, 2
+
+
+def timm_eva02(depth=3):
+    import timm
+
+    model = timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=depth, embed_dim=WIDTH, num_heads=2,
+        num_classes=5, drop_path_rate=0.1, proj_drop_rate=0.1,
+    )
+    return model, (torch.randn(BATCH, 3, 28, 28),), {}, depth
+
+
+def timm_beit(depth=3):
+    import timm
+
+    model = timm.create_model(
+        "beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=depth, embed_dim=WIDTH,
+        num_heads=2, num_classes=5, drop_path_rate=0.1, proj_drop_rate=0.1,
+    )
+    return model, (_images(),), {}, depth
+
+
+def timm_cait(depth=3):
+    import timm
+
+    model = timm.create_model(
+        "cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, depth=depth, embed_dim=WIDTH, num_heads=2,
+        num_classes=5, drop_path_rate=0.1, proj_drop_rate=0.1,
+    )
+    return model, (_images(),), {}, depth + 2  # + two class-attention blocks
+
+
+def torchvision_swin():
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(
+        patch_size=[4, 4], embed_dim=WIDTH, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+        stochastic_depth_prob=0.1, dropout=0.1, attention_dropout=0.1, num_classes=5,
+    )
+    return model, (_images(),), {}, 4
+
+
+def hf_bert(depth=2, model_type="bert"):
+    model = _hf(model_type, num_hidden_layers=depth, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_attention_heads=4, vocab_size=100)
+    return model, (torch.randint(0, 100, (BATCH, TOKENS)),), {}, depth
+
+
+def hf_roberta(depth=2):
+    return hf_bert(depth, "roberta")
+
+
+def _decoder_lm(model_type: str, depth=2, **config):
+    model = _hf(model_type, num_hidden_layers=depth, hidden_size=WIDTH, num_attention_heads=4, vocab_size=100, **config)
+    return model, (torch.randint(0, 100, (BATCH, TOKENS)),), {}, depth
+
+
+def hf_mistral(depth=2):
+    return _decoder_lm("mistral", depth, intermediate_size=2 * WIDTH, num_key_value_heads=2, attention_dropout=0.1)
+
+
+def hf_qwen2(depth=2):
+    return _decoder_lm("qwen2", depth, intermediate_size=2 * WIDTH, num_key_value_heads=2, attention_dropout=0.1)
+
+
+def hf_opt(depth=2):
+    return _decoder_lm("opt", depth, ffn_dim=2 * WIDTH, word_embed_proj_dim=WIDTH)
+
+
+def hf_gpt_neox(depth=2):
+    return _decoder_lm("gpt_neox", depth, intermediate_size=2 * WIDTH, hidden_dropout=0.1, attention_dropout=0.1)
+
+
+def hf_phi(depth=2):
+    return _decoder_lm("phi", depth, intermediate_size=2 * WIDTH, resid_pdrop=0.1, attention_dropout=0.1)
+
+
+def hf_t5(depth=2):
+    model = _hf("t5", num_layers=depth, num_decoder_layers=depth, d_model=WIDTH, d_ff=2 * WIDTH, num_heads=4, d_kv=8, vocab_size=100)
+    ids = torch.randint(0, 100, (BATCH, TOKENS))
+    return model, (ids,), {"decoder_input_ids": ids[:, : TOKENS // 2]}, 2 * depth
+
+
+def hf_bart(depth=2):
+    model = _hf(
+        "bart", encoder_layers=depth, decoder_layers=depth, d_model=WIDTH, encoder_ffn_dim=2 * WIDTH,
+        decoder_ffn_dim=2 * WIDTH, encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=100,
+    )
+    ids = torch.randint(0, 100, (BATCH, TOKENS))
+    return model, (ids,), {"decoder_input_ids": ids[:, : TOKENS // 2]}, 2 * depth
+
+
+def hf_vit(depth=2):
+    model = _hf("vit", num_hidden_layers=depth, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_attention_heads=4, image_size=32, patch_size=8, hidden_dropout_prob=0.1)
+    return model, (_images(),), {}, depth
+
+
+# Every family of the conformance suite: builder, the options a user passes for it, and
+# the reversible segments a full conversion makes (one per stage / stack).
+ZOO = {
+    "timm-vit": (timm_vit, {}, 1),
+    "timm-deit3": (timm_deit3, {}, 1),
+    "timm-eva02": (timm_eva02, {}, 1),
+    "timm-beit": (timm_beit, {}, 1),
+    "timm-cait": (timm_cait, {}, 2),  # patch blocks, then class-attention blocks
+    "timm-swin": (timm_swin, {}, 2),  # one per stage
+    "timm-mvitv2": (timm_mvitv2, {}, 2),  # one per stage, transition block between
+    "torchvision-vit": (torchvision_vit, {}, 1),
+    "torchvision-swin": (torchvision_swin, {}, 2),
+    "torch-transformer-encoder": (torch_transformer_encoder, {}, 1),
+    "hf-gpt2": (hf_gpt2, {}, 1),
+    "hf-bert": (hf_bert, {"post_norm": "move"}, 1),
+    "hf-roberta": (hf_roberta, {"post_norm": "move"}, 1),
+    "hf-llama": (hf_llama, {}, 1),
+    "hf-mistral": (hf_mistral, {}, 1),
+    "hf-qwen2": (hf_qwen2, {}, 1),
+    "hf-opt": (hf_opt, {}, 1),
+    "hf-gpt-neox": (hf_gpt_neox, {}, 1),  # parallel residual
+    "hf-phi": (hf_phi, {}, 1),  # parallel residual
+    "hf-t5": (hf_t5, {}, 2),  # encoder, decoder
+    "hf-bart": (hf_bart, {"post_norm": "move"}, 2),  # encoder, decoder
+    "hf-vit": (hf_vit, {}, 1),
+}
+
 CORE_MODELS = {
     "reference-vit": reference_vit,
     "timm-vit": timm_vit,

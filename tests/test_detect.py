@@ -11,11 +11,11 @@ from revcompile.frontend import _propagate_fake
 from tests import blocks as B
 
 
-def plan_of(model, *inputs):
+def plan_of(model, *inputs, post_norm="skip"):
     gm = fx.symbolic_trace(model)
     _propagate_fake(gm, list(inputs))
     normalize_graph(gm)
-    return find_reversible_blocks(gm)
+    return find_reversible_blocks(gm, post_norm=post_norm)
 
 
 def test_pre_norm_blocks_chain_into_one_segment():
@@ -37,22 +37,50 @@ def test_hidden_state_tap_ends_the_segment():
     assert "model output" in plan.segments[0].ends_because
 
 
-def test_parallel_residual_is_reported_not_converted():
+def test_parallel_residual_becomes_one_block_with_two_parts():
     plan = plan_of(B.sequential(B.ParallelBlock(), B.ParallelBlock()), B.tokens())
-    assert plan.blocks == ()
-    reasons = " ".join(s.reason for s in plan.skipped)
-    assert "parallel-residual" in reasons
+    assert [b.coupling for b in plan.blocks] == ["parallel", "parallel"]
+    assert len(plan.segments) == 1 and plan.skipped == ()
+    block = plan.blocks[0]
+    assert block.f.kind == "attention" and block.g.kind == "mlp"
+    # the shared norm reads the stream in both parts: each branch computes it for itself
+    norm = "blocks.0.norm.weight"
+    assert norm in block.f.parameters and norm in block.g.parameters
+    assert not {p for p in block.f.parameters if "attn" in p} & set(block.g.parameters)
 
 
-def test_post_norm_residuals_are_reported():
+def test_two_mlp_branches_on_one_stream_are_not_a_parallel_block():
+    class TwoMlps(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = B.Mlp(), B.Mlp()
+
+        def forward(self, x):
+            return x + self.a(x) + self.b(x)
+
+    plan = plan_of(B.sequential(TwoMlps()), B.tokens())
+    assert plan.blocks == () and plan.skipped
+
+
+def test_post_norm_is_skipped_with_how_to_opt_in():
     plan = plan_of(B.sequential(B.PostNormBlock(), B.PostNormBlock()), B.tokens())
     assert plan.blocks == ()
-    kinds = {s.kind for s in plan.skipped}
-    assert {"attention", "mlp"} <= kinds
-    assert all(s.reason for s in plan.skipped)
+    assert plan.skipped and all("post_norm='move'" in s.reason for s in plan.skipped)
 
 
-def test_cross_attention_block_keeps_self_attention_unpaired():
+def test_post_norm_converts_when_the_norms_may_move():
+    plan = plan_of(B.sequential(B.PostNormBlock(), B.PostNormBlock()), B.tokens(), post_norm="move")
+    assert len(plan.blocks) == 2 and len(plan.segments) == 1
+    first, second = plan.blocks
+    assert first.post_norm_moved and second.post_norm_moved
+    # norm1 (after the attention add) now starts the MLP branch, norm2 of block 0 the next attention
+    assert "blocks.0.norm1.weight" in first.g.parameters
+    assert "blocks.0.norm2.weight" in second.f.parameters
+    # the last block's norm2 stays after the segment, applied to its output
+    assert "norm2" in plan.segments[0].ends_because
+
+
+def test_self_and_cross_attention_form_one_decoder_block():
     class Decoder(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -64,11 +92,59 @@ def test_cross_attention_block_keeps_self_attention_unpaired():
             return x
 
     plan = plan_of(Decoder(), B.tokens(), B.tokens(length=7))
-    # cross-attention + MLP pair up; the self-attention before each is left with a reason
-    assert len(plan.blocks) == 2
-    assert all("cross-attention" in s.reason for s in plan.skipped if s.kind == "attention")
+    assert [b.coupling for b in plan.blocks] == ["decoder", "decoder"]
+    assert len(plan.segments) == 1 and plan.skipped == ()
+    block = plan.blocks[0]
+    assert len(block.f.outputs) == 2  # F = self-attention + cross-attention
     # what the cross-attention reads from the memory is computed outside, once: side inputs
-    assert all(len(b.f.side_inputs) == 2 for b in plan.blocks)
+    assert len(block.f.side_inputs) == 2
+
+
+class _FlattenForMlp(B.PreNormBlock):
+    """timm Swin: the stream is (B, H, W, C); the MLP residual runs on (B, H*W, C)."""
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        x = x + self.attn(self.norm1(x).reshape(b, h * w, c)).reshape(b, h, w, c)
+        x = x.reshape(b, -1, c)
+        x = x + self.mlp(self.norm2(x))
+        return x.reshape(b, h, w, c)
+
+
+def test_layout_reshapes_on_the_stream_keep_blocks_together():
+    grid = torch.randn(2, 3, 4, B.DIM)
+    plan = plan_of(B.sequential(_FlattenForMlp(), _FlattenForMlp(), _FlattenForMlp()), grid)
+    assert len(plan.blocks) == 3 and len(plan.segments) == 1
+
+
+def test_a_transformed_skip_path_is_a_stage_transition():
+    class Transition(B.PreNormBlock):
+        def __init__(self):
+            super().__init__()
+            self.pool = torch.nn.Linear(B.DIM, B.DIM)
+
+        def forward(self, x):
+            x = self.pool(x) + self.attn(self.norm1(x))  # the skip is projected
+            return x + self.mlp(self.norm2(x))
+
+    plan = plan_of(B.sequential(B.PreNormBlock(), Transition(), B.PreNormBlock(), B.PreNormBlock()), B.tokens())
+    assert [len(s.blocks) for s in plan.segments] == [1, 2]
+    (reason,) = [s.reason for s in plan.skipped]
+    assert "stage transition" in reason
+
+
+def test_fx_constants_do_not_leak_into_the_user_model():
+    import revcompile
+
+    class WithConstant(B.Stack):
+        def forward(self, x):
+            return super().forward(x) * torch.tensor([2.0])
+
+    model = WithConstant()
+    before = set(model.__dict__)
+    converted = revcompile.convert(model, B.tokens())
+    assert set(model.__dict__) == before
+    converted(B.tokens())
 
 
 def test_in_place_write_to_the_stream_is_refused():

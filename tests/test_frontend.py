@@ -107,8 +107,8 @@ def test_nothing_convertible_says_what_was_found():
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     with pytest.raises(ConversionError, match="no residual connections"):
         revcompile.convert(mlp, torch.randn(2, 8))
-    with pytest.raises(ConversionError, match="parallel-residual"):
-        revcompile.convert(B.sequential(B.ParallelBlock()), B.tokens(), tracer="fx")
+    with pytest.raises(ConversionError, match="post_norm='move'"):
+        revcompile.convert(B.sequential(B.PostNormBlock()), B.tokens(), tracer="fx")
 
 
 def test_untraceable_model_reports_both_tracers():
@@ -172,3 +172,28 @@ def test_pickled_model_retraces_and_keeps_its_plan(tmp_path):
     assert revcompile.explain(loaded) == revcompile.explain(converted)
     loaded.eval(), converted.eval()
     assert torch.equal(loaded(x), converted(x))
+
+
+def test_a_call_like_the_example_reuses_the_conversion_trace():
+    """No retrace on the first call: lifted constants must not change the variant key."""
+    from tests.models import hf_llama
+
+    torch.manual_seed(0)
+    model, args, kwargs, _ = hf_llama(depth=1)
+    converted = revcompile.convert(model, args, kwargs)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(type(t)) or t, lambda t: t):
+        converted(*args, **kwargs)
+    assert len(converted.reversible_variants) == 1
+    assert torch.Tensor in seen and all(t is torch.Tensor or issubclass(t, torch.nn.Parameter) for t in seen)
+
+
+def test_retracing_does_not_show_fake_tensors_to_user_hooks():
+    torch.manual_seed(0)
+    model, (ids,), _, _ = hf_gpt2()
+    converted = revcompile.convert(model, ids)
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(type(t).__name__) or t, lambda t: t):
+        converted(ids, attention_mask=torch.ones_like(ids))  # a new variant: traced here
+    assert len(converted.reversible_variants) == 2
+    assert "FakeTensor" not in seen
