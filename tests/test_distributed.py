@@ -1,0 +1,99 @@
+"""DistributedDataParallel trains a converted model exactly like a single process would.
+
+Two real processes with the gloo backend (CPU). Each rank runs its own shard with its own
+dropout seed; the reference computes the same shards in one process and averages the
+gradients, which is what DDP's all-reduce must produce. Reversible segments return their
+parameter gradients from one autograd Function, so each parameter's gradient is ready
+exactly once per backward -- the condition DDP's reducer needs ("mark a variable ready
+only once" is the error other reversible libraries hit).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import revcompile
+from revcompile.reference import reference_vit
+
+WORLD = 2
+
+
+def _model():
+    torch.manual_seed(0)
+    model = reference_vit(depth=3, dim=32, heads=2, num_classes=4).double()
+    return model
+
+
+def _shard(rank: int, micro: int = 0):
+    generator = torch.Generator().manual_seed(100 + 10 * rank + micro)
+    images = torch.randn(4, 3, 32, 32, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 4, (4,), generator=generator)
+    return images, labels
+
+
+def _loss(model, images, labels):
+    return torch.nn.functional.cross_entropy(model(images), labels)
+
+
+def _gradients(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        images, labels = _shard(rank)
+        converted = revcompile.convert(model, images[:2])
+        ddp = torch.nn.parallel.DistributedDataParallel(converted)
+        torch.manual_seed(rank)  # each rank draws its own dropout masks
+        _loss(ddp, images, labels).backward()
+        torch.save(_gradients(converted), os.path.join(out_dir, f"step_{rank}.pt"))
+
+        ddp.zero_grad(set_to_none=True)
+        with ddp.no_sync():  # gradient accumulation: first micro-batch stays local
+            torch.manual_seed(rank)
+            _loss(ddp, *_shard(rank, 1)).backward()
+        torch.manual_seed(rank + 50)
+        _loss(ddp, *_shard(rank, 2)).backward()
+        torch.save(_gradients(converted), os.path.join(out_dir, f"accumulated_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _reference(seeded_shards) -> dict[str, torch.Tensor]:
+    """Single process: the average over ranks of each rank's summed micro-batch gradients."""
+    total: dict[str, torch.Tensor] = {}
+    for rank, micro_batches in enumerate(seeded_shards):
+        model = _model()
+        converted = revcompile.convert(model, _shard(rank)[0][:2])
+        for seed, (images, labels) in micro_batches:
+            torch.manual_seed(seed)
+            _loss(converted, images, labels).backward()
+        for name, grad in _gradients(converted).items():
+            total[name] = total.get(name, 0) + grad / WORLD
+    return total
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    step = _reference([[(rank, _shard(rank))] for rank in range(WORLD)])
+    accumulated = _reference([[(rank, _shard(rank, 1)), (rank + 50, _shard(rank, 2))] for rank in range(WORLD)])
+    for rank in range(WORLD):
+        for expected, kind in ((step, "step"), (accumulated, "accumulated")):
+            got = torch.load(tmp_path / f"{kind}_{rank}.pt")
+            assert got.keys() == expected.keys()
+            for name in expected:
+                torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=f"{kind} {name}")
