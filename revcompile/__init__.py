@@ -3,12 +3,21 @@
     converted = revcompile.convert(model, example_inputs)
     revcompile.explain(converted)            # what became reversible, what did not and why
     revcompile.set_backward(converted, "autograd")   # the stored-activation reference
+    revcompile.set_backward(converted, "parallel")   # two-stream backward on CUDA (PaReprop)
+    print(revcompile.backward_program(converted))    # its steps, streams, waits and proofs
     revcompile.verify(converted, example_inputs)     # gradients equal that reference?
 
 See docs/design.md for the pipeline and docs/usage.md for a walk-through.
 """
 
-from revcompile.api import convert, explain, find_converted, set_backward, unconvert
+from revcompile.api import (
+    backward_program,
+    convert,
+    explain,
+    find_converted,
+    set_backward,
+    unconvert,
+)
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
 from revcompile.runtime import BACKWARD_MODES
@@ -18,6 +27,7 @@ __all__ = [
     "convert",
     "explain",
     "set_backward",
+    "backward_program",
     "unconvert",
     "verify",
     "VerifyReport",

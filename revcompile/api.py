@@ -7,12 +7,13 @@ from torch import nn
 from passes.detect import POST_NORM
 from passes.plan import Plan
 from passes.rewrite import FUSIONS
+from passes.schedule import BackwardProgram
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS
 from revcompile.runtime import BACKWARD_MODES
 
-__all__ = ["convert", "explain", "set_backward", "unconvert", "find_converted"]
+__all__ = ["convert", "explain", "set_backward", "backward_program", "unconvert", "find_converted"]
 
 
 def convert(
@@ -87,6 +88,22 @@ def set_backward(module: nn.Module, mode: str) -> None:
         raise ValueError(f"{type(module).__name__} contains no model converted by revcompile.convert")
     for converted in found:
         converted.reversible_settings.mode = mode
+
+
+def backward_program(module: nn.Module, segment: int = 0, *, mode: str = "parallel") -> BackwardProgram:
+    """The scheduled backward of one reversible segment, as it runs in ``mode``.
+
+    ``mode`` is ``"parallel"`` (two streams, PaReprop) or ``"reversible"`` (one stream).
+    The result has ``.graph`` (a ``networkx.DiGraph`` of ``("recompute", i)`` and
+    ``("grad", i)`` steps and their data dependencies), ``.order``, ``.streams``,
+    ``.waits``, ``.independent`` and ``.concurrent`` (the pairs run at once, each with
+    its proof of independence); ``print`` it for a listing.
+    """
+    converted = _the_converted(module)
+    segments = converted.reversible_variants[0].segments
+    if not 0 <= segment < len(segments):
+        raise IndexError(f"segment must be in 0..{len(segments) - 1}, got {segment}")
+    return segments[segment].backward_program(mode)
 
 
 def unconvert(module: nn.Module) -> nn.Module:

@@ -2,15 +2,23 @@
 
 A ``ReversibleSegment`` is what a ``reversible_segment_<i>`` call in a converted graph
 executes. It couples the segment's blocks (``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)``) and
-runs in one of two backward modes:
+runs in one of the ``BACKWARD_MODES``:
 
 * ``"reversible"``: one ``torch.autograd.Function`` for the whole segment. Its forward
   runs the blocks without recording a graph and saves only the final ``(Y1, Y2)`` and the
-  side inputs. Its backward walks the blocks in reverse: it recomputes ``G(Y1)`` with a
-  graph to push ``dY2`` through it, reconstructs ``X2 = Y2 - G(Y1)``, recomputes
-  ``F(X2)`` to push ``dY1`` through it, reconstructs ``X1 = Y1 - F(X2)``, and so on. The
-  parameter gradients are returned from the Function, so autograd accumulates each of
-  them exactly once per backward (gradient accumulation and DDP hooks see one event).
+  side inputs. Its backward runs the segment's ``BackwardProgram`` (``passes.schedule``)
+  with one stream: for each block, last first, it recomputes ``G(Y1)`` with a graph and
+  pushes ``dY2`` through it, reconstructs ``X2 = Y2 - G(Y1)``, recomputes ``F(X2)`` and
+  pushes ``dY1`` through it, reconstructs ``X1 = Y1 - F(X2)``: one branch graph alive at a
+  time. The parameter gradients are returned from the Function, so autograd accumulates
+  each of them exactly once per backward (gradient accumulation and DDP hooks see one
+  event).
+* ``"parallel"``: the same Function running the two-stream program (PaReprop): the
+  gradients of block ``i`` overlap the reconstruction of block ``i-1`` on another CUDA
+  stream, ordered by events, at the cost of at most one more block graph alive. On CPU
+  there is one execution stream, and the same program runs in its order.
+* ``"auto"``: on CUDA, times both programs for a few backwards per segment and input
+  shape and keeps the faster (``_AutoChoice``); elsewhere ``"reversible"``.
 * ``"autograd"``: the same coupled computation with ordinary stored activations -- the
   reference the reversible backward must reproduce.
 
@@ -18,10 +26,15 @@ Recomputation must see exactly what the forward saw: dropout masks are replayed 
 capturing the generator states (CPU and CUDA) before each branch in the forward and
 restoring them around its recomputation -- the user's generators are put back afterwards,
 never reseeded -- and the autocast state of the forward is re-entered in the backward.
+Generator state is host-side (the CUDA generator's seed and offset are read at kernel
+launch), so restoring it around launches on different streams from one host thread is
+exact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -31,13 +44,32 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from passes.rewrite import BranchProgram, SegmentProgram
+from passes.schedule import (
+    GRAD,
+    RECOMPUTE,
+    BackwardProgram,
+    cotangent_value,
+    grad_value,
+    graph_value,
+    schedule_backward,
+    side_value,
+    streams_value,
+)
+from revcompile.executor import run_program, stream_backend
 
 __all__ = ["BACKWARD_MODES", "RuntimeSettings", "ReversibleSegment", "bind_graph"]
 
 BACKWARD_MODES = {
     "reversible": "reconstruct inputs from outputs in backward; activation memory independent of depth",
+    "parallel": "reversible, with block i's gradients overlapping block i-1's reconstruction on a second "
+    "CUDA stream (PaReprop); at most one more block graph alive; runs in program order on CPU",
+    "auto": "on CUDA, time reversible and parallel for a few steps per segment and input shape and keep "
+    "the faster; reversible elsewhere",
     "autograd": "the same coupled architecture with stored activations (the gradient reference)",
 }
+
+# How many streams each mode's backward program uses.
+_PROGRAM_STREAMS = {"reversible": 1, "parallel": 2}
 
 
 @dataclass
@@ -146,6 +178,17 @@ class ReversibleSegment:
         self.blocks = [(_Branch(b.f, root, index), _Branch(b.g, root, index)) for b in program.blocks]
         self.fusion = program.fusion
         self.__name__ = f"reversible_segment_{program.index}"
+        self._programs: dict[int, BackwardProgram] = {}
+        self.auto_choices: dict[tuple, _AutoChoice] = {}
+
+    def backward_program(self, mode: str = "parallel") -> BackwardProgram:
+        """The scheduled backward this segment runs in ``mode`` ("reversible" or "parallel")."""
+        if mode not in _PROGRAM_STREAMS:
+            raise ValueError(f"a backward program exists for {sorted(_PROGRAM_STREAMS)}, not {mode!r}")
+        streams = _PROGRAM_STREAMS[mode]
+        if streams not in self._programs:
+            self._programs[streams] = schedule_backward(self.program, streams=streams)
+        return self._programs[streams]
 
     def __repr__(self) -> str:
         return f"ReversibleSegment({self.program.name}, {len(self.blocks)} blocks, fusion={self.fusion!r})"
@@ -178,31 +221,142 @@ class ReversibleSegment:
         return _ReversibleFunction.apply(self, x, len(side), *side, *params)
 
 
-def _vjp(branch: _Branch, stream: torch.Tensor, side: tuple, cotangent: torch.Tensor, params, side_leaves):
-    """Recompute ``branch(stream)`` with a graph and pull ``cotangent`` back through it.
+# --- the math of the backward steps ---------------------------------------------------------------
 
-    Returns the branch output (detached), the gradient for ``stream``, and the gradients
-    for the branch's parameters and differentiable side inputs as (position, grad) pairs.
-    """
+
+def _rebuild(branch: _Branch, stream: torch.Tensor, side: tuple):
+    """Recompute ``branch(stream)`` with a graph from a fresh leaf: ``(leaf, output)``."""
     with torch.enable_grad():
         leaf = stream.detach().requires_grad_(True)
-        out = branch(leaf, side)
+        return leaf, branch(leaf, side)
+
+
+def _pull(branch: _Branch, leaf, out, cotangent, params, side, side_leaves):
+    """Pull ``cotangent`` back through a rebuilt branch graph (and free it).
+
+    Returns the gradient for the branch input and (position, grad) pairs for the branch's
+    parameters and differentiable side inputs.
+    """
+    if not out.requires_grad:  # branch independent of everything differentiable
+        return None, [], []
     own_params = [(i, params[i]) for i in branch.parameters if params[i].requires_grad]
     own_side = [(i, side[i]) for i in branch.side_inputs if i in side_leaves]
     wrt = [leaf] + [p for _, p in own_params] + [s for _, s in own_side]
-    if not out.requires_grad:  # branch independent of everything differentiable
-        return out.detach(), None, [], []
     grads = torch.autograd.grad(out, wrt, cotangent, allow_unused=True)
     k = 1 + len(own_params)
-    param_grads = [(i, g) for (i, _), g in zip(own_params, grads[1:k])]
-    side_grads = [(i, g) for (i, _), g in zip(own_side, grads[k:])]
-    return out.detach(), grads[0], param_grads, side_grads
+    return grads[0], list(zip((i for i, _ in own_params), grads[1:k])), list(zip((i for i, _ in own_side), grads[k:]))
 
 
-def _accumulate(totals: list, updates) -> None:
-    for i, grad in updates:
-        if grad is not None:
-            totals[i] = grad if totals[i] is None else totals[i] + grad
+class _StepMath:
+    """What ``recompute i`` and ``grad i`` compute, one branch at a time (G, then F).
+
+    The executor decides where and when each runs; values come and go through the
+    program's environment under the names ``passes.schedule`` gives them.
+    """
+
+    def __init__(self, segment: "ReversibleSegment", side: tuple, params, rng_log, devices, side_leaves):
+        self.segment, self.side, self.params = segment, side, params
+        self.rng_log, self.devices, self.side_leaves = rng_log, devices, side_leaves
+        self.ops = {RECOMPUTE: self.recompute, GRAD: self.grad}
+
+    def recompute(self, i: int, branch: str, values, scratch: dict) -> None:
+        f, g = self.segment.blocks[i]
+        y1, y2 = values[streams_value(i)]
+        if branch == "g":
+            with _replayed_rng(self.rng_log[2 * i + 1], self.devices):
+                leaf, out = _rebuild(g, y1, self.side)
+            values[graph_value(i)] = {"g": (leaf, out)}
+            scratch["x2"] = y2 - out.detach()
+        else:
+            x2 = scratch.pop("x2")
+            with _replayed_rng(self.rng_log[2 * i], self.devices):
+                leaf, out = _rebuild(f, x2, self.side)
+            values[graph_value(i)]["f"] = (leaf, out)
+            values[streams_value(i - 1)] = (y1 - out.detach(), x2)
+
+    def grad(self, i: int, branch: str, values, scratch: dict) -> None:
+        f, g = self.segment.blocks[i]
+        rebuilt = values[graph_value(i)]
+        if branch == "g":
+            dy1, dy2 = values[cotangent_value(i)]
+            d_y1, param_grads, side_grads = _pull(g, *rebuilt.pop("g"), dy2, self.params, self.side, self.side_leaves)
+            scratch["dy"] = (dy1 if d_y1 is None else dy1 + d_y1, dy2)
+        else:
+            dy1, dy2 = scratch.pop("dy")
+            d_x2, param_grads, side_grads = _pull(f, *rebuilt.pop("f"), dy1, self.params, self.side, self.side_leaves)
+            values[cotangent_value(i - 1)] = (dy1, dy2 if d_x2 is None else dy2 + d_x2)
+        names = self.segment.parameter_names
+        self._accumulate(values, [(grad_value(names[k]), grad) for k, grad in param_grads])
+        self._accumulate(values, [(grad_value(side_value(k)), grad) for k, grad in side_grads])
+
+    @staticmethod
+    def _accumulate(values, updates) -> None:
+        for name, grad in updates:
+            if grad is not None:
+                total = values.get(name)
+                values[name] = grad if total is None else total + grad
+
+
+# --- choosing between the sequential and the parallel program -------------------------------------
+
+
+class _AutoChoice:
+    """Times the two programs of one segment on one input shape, then keeps the faster.
+
+    The first backward of each is a warm-up; then ``TRIALS`` of each, alternating. Timing
+    uses CUDA events on the caller's stream around the whole backward; they are read at
+    the start of the next backward (a host wait only during the trials, never inside a
+    program). ``"parallel"`` is kept only if its median is ``MARGIN`` faster, so the choice
+    is never slower than sequential beyond timing noise.
+    """
+
+    TRIALS = 3
+    MARGIN = 0.98
+
+    def __init__(self):
+        self.plan = ["reversible", "parallel"] * (1 + self.TRIALS)
+        self.pending: list = []
+        self.times: dict[str, list[float]] = {"reversible": [], "parallel": []}
+        self.choice: str | None = None
+
+    def next_mode(self) -> str:
+        if self.choice is not None:
+            return self.choice
+        for mode, start, end in self.pending:
+            end.synchronize()
+            self.times[mode].append(start.elapsed_time(end))
+        self.pending = []
+        if not self.plan:
+            sequential = statistics.median(self.times["reversible"][1:])
+            parallel = statistics.median(self.times["parallel"][1:])
+            self.choice = "parallel" if parallel < self.MARGIN * sequential else "reversible"
+            return self.choice
+        return self.plan.pop(0)
+
+    def timed(self, mode: str):
+        if self.choice is not None:
+            return contextlib.nullcontext()
+        return self._time(mode)
+
+    @contextlib.contextmanager
+    def _time(self, mode: str):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.pending.append((mode, start, end))
+
+
+def _backward_mode(ctx, segment: ReversibleSegment, y1: torch.Tensor):
+    """The program mode for this backward, and a context that times it (``"auto"`` only)."""
+    if ctx.mode != "auto":
+        return ctx.mode, contextlib.nullcontext()
+    if y1.device.type != "cuda":
+        return "reversible", contextlib.nullcontext()
+    key = (y1.device, tuple(y1.shape), y1.dtype, tuple(sorted(ctx.autocast.items())))
+    choice = segment.auto_choices.setdefault(key, _AutoChoice())
+    mode = choice.next_mode()
+    return mode, choice.timed(mode)
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -221,6 +375,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.params = params
         ctx.rng = (rng_log, devices)
         ctx.autocast = _autocast_state()
+        ctx.mode = segment.settings.mode
         return out
 
     @staticmethod
@@ -233,27 +388,16 @@ class _ReversibleFunction(torch.autograd.Function):
         for i, tensor in zip(tensor_side, saved_side):
             side_list[i] = tensor.detach().requires_grad_(True) if i in ctx.side_requires_grad else tensor
         side = tuple(side_list)
-        params = ctx.params
         rng_log, devices = ctx.rng
-        param_grads: list = [None] * len(params)
-        side_grads: list = [None] * n_side
-
-        dy1, dy2 = _fuse_backward(grad_out, segment.fusion)
-        with _autocast_as(ctx.autocast):
-            for index in reversed(range(len(segment.blocks))):
-                f, g = segment.blocks[index]
-                with _replayed_rng(rng_log[2 * index + 1], devices):
-                    g_out, d_y1, p_grads, s_grads = _vjp(g, y1, side, dy2, params, ctx.side_requires_grad)
-                if d_y1 is not None:
-                    dy1 = dy1 + d_y1
-                _accumulate(param_grads, p_grads)
-                _accumulate(side_grads, s_grads)
-                x2 = y2 - g_out
-                with _replayed_rng(rng_log[2 * index], devices):
-                    f_out, d_x2, p_grads, s_grads = _vjp(f, x2, side, dy1, params, ctx.side_requires_grad)
-                _accumulate(param_grads, p_grads)
-                _accumulate(side_grads, s_grads)
-                x1 = y1 - f_out
-                dy2 = dy2 if d_x2 is None else dy2 + d_x2
-                y1, y2 = x1, x2
-        return (None, dy1 + dy2, None, *side_grads, *param_grads)
+        depth = len(segment.blocks)
+        env = {streams_value(depth - 1): (y1, y2), cotangent_value(depth - 1): _fuse_backward(grad_out, segment.fusion)}
+        env.update({side_value(i): side[i] for i in tensor_side})
+        math = _StepMath(segment, side, ctx.params, rng_log, devices, ctx.side_requires_grad)
+        mode, timing = _backward_mode(ctx, segment, y1)
+        program = segment.backward_program(mode)
+        with _autocast_as(ctx.autocast), timing:
+            env = run_program(program, math.ops, env, stream_backend(y1.device, program.stream_count))
+        dx1, dx2 = env[cotangent_value(-1)]
+        param_grads = [env.get(grad_value(name)) for name in segment.parameter_names]
+        side_grads = [env.get(grad_value(side_value(i))) for i in range(n_side)]
+        return (None, dx1 + dx2, None, *side_grads, *param_grads)
