@@ -6,6 +6,8 @@
     revcompile.set_backward(converted, "parallel")   # two-stream backward on CUDA (PaReprop)
     print(revcompile.backward_program(converted))    # its steps, streams, waits and proofs
     revcompile.verify(converted, example_inputs)     # gradients equal that reference?
+    revcompile.memory_report(model, example_inputs)  # memory saved: measured, predicted, largest batch
+    revcompile.draw(converted, "model.svg")          # the rewritten graph as a picture
 
 See docs/design.md for the pipeline and docs/usage.md for a walk-through.
 """
@@ -20,7 +22,9 @@ from revcompile.api import (
 )
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
+from revcompile.report import MemoryReport, memory_report
 from revcompile.runtime import BACKWARD_MODES
+from revcompile.show import draw
 from revcompile.verify import VerifyReport, verify
 
 __all__ = [
@@ -31,6 +35,9 @@ __all__ = [
     "unconvert",
     "verify",
     "VerifyReport",
+    "memory_report",
+    "MemoryReport",
+    "draw",
     "find_converted",
     "ReversibleModel",
     "ConversionError",

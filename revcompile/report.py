@@ -1,28 +1,51 @@
-"""How much activation memory a conversion saves, measured on a real training step.
+"""How much memory a conversion saves: measured on a real training step, predicted for any batch.
 
-``memory_report`` runs one forward and backward of the original model and of the
-converted one on the same inputs and measures, for each:
+``memory_report`` converts a model (unless given the conversion) and answers three
+questions:
 
-* the activations saved for backward (distinct storages, parameters excluded) -- exact
-  on every device;
-* the peak memory of the step above what was allocated before it: on CUDA from
-  ``max_memory_allocated``, on CPU from the live heap (see ``revcompile.measure``);
-* the wall time of the step.
+* **Measured**: one forward + backward of the original and of the converted model on the
+  same inputs (after one warm-up step each): the activations saved for backward (distinct
+  storages, parameters excluded; exact on every device), the peak memory of the step above
+  its start (CUDA: ``max_memory_allocated`` after resetting the peak; CPU: the live heap,
+  never the resident-set size, see ``revcompile.measure``), and the step time.
+* **Predicted**: ``passes.memory`` interprets the traced and the rewritten graph on fake
+  tensors at two batch sizes *other than the measured one* and fits per-sample bytes for
+  each part of the model. The report states how far that prediction is from the
+  measurement, so the prediction is checked every time it is made.
+* **What it buys**: the largest batch whose step fits a memory cap, for the original and
+  the converted model, counting parameters, their gradients, the optimizer's state
+  (AdamW: two tensors per parameter) and a reserve for what is not a tensor (the CUDA
+  context, allocator fragmentation).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from passes.memory import (
+    LinearBytes,
+    MemoryPrediction,
+    PredictionFailed,
+    predict_activation_memory,
+)
 from passes.plan import Plan
+from revcompile.budget import (
+    DEFAULT_RESERVE,
+    BatchCapacity,
+    ReportError,
+    TrainingState,
+    batch_capacity,
+    parse_bytes,
+    training_state,
+)
 from revcompile.measure import HeapPeak, saved_for_backward
 
-__all__ = ["StepMeasurement", "MemoryReport", "measure_step", "memory_report"]
+__all__ = ["StepMeasurement", "MemoryReport", "measure_step", "predict", "memory_report", "ReportError"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +64,10 @@ class MemoryReport:
     plan: Plan
     original: StepMeasurement
     converted: StepMeasurement
+    prediction: MemoryPrediction | None
+    prediction_failure: str | None
+    training: TrainingState
+    capacity: BatchCapacity | None
 
     @property
     def saved_reduction(self) -> float:
@@ -52,11 +79,91 @@ class MemoryReport:
             return None
         return self.original.peak_bytes / max(self.converted.peak_bytes, 1)
 
+    @property
+    def peak_kind(self) -> str:
+        return "max_memory_allocated" if self.device.startswith("cuda") else "live heap"
+
+    def _measured(self) -> dict[str, int | None]:
+        o, c = self.original, self.converted
+        return {"original_saved": o.saved_bytes, "converted_saved": c.saved_bytes,
+                "original_peak": o.peak_bytes, "converted_peak": c.peak_bytes}
+
+    def predicted(self) -> dict[str, int] | None:
+        """The prediction at the measured batch size."""
+        if self.prediction is None or not self.batch_size:
+            return None
+        p = self.prediction
+        lines = {"original_saved": p.original_saved, "converted_saved": p.converted_saved,
+                 "original_peak": p.original_peak, "converted_peak": p.converted_peak}
+        return {name: line.at(self.batch_size) for name, line in lines.items()}
+
+    def prediction_errors(self) -> dict[str, float] | None:
+        """(predicted - measured) / measured at the measured batch size, per quantity."""
+        predicted = self.predicted()
+        if predicted is None:
+            return None
+        return {k: (predicted[k] - v) / v for k, v in self._measured().items() if v}
+
+    def to_dict(self) -> dict:
+        """Everything in the report as plain JSON values (bytes as integers)."""
+        plan = self.plan
+        data = {
+            "model": self.model,
+            "batch_size": self.batch_size,
+            "device": self.device,
+            "dtype": self.dtype,
+            "plan": {
+                "tracer": plan.tracer,
+                "residuals_found": plan.residuals_found,
+                "blocks": len(plan.blocks),
+                "segments": [
+                    {"index": s.index, "name": s.name, "blocks": [b.name for b in s.blocks],
+                     "side_inputs": list(s.side_inputs), "ends_because": s.ends_because}
+                    for s in plan.segments
+                ],
+                "skipped": [asdict(s) for s in plan.skipped],
+                "notes": list(plan.notes),
+            },
+            "measured": {
+                "original": asdict(self.original),
+                "converted": asdict(self.converted),
+                "saved_reduction": self.saved_reduction,
+                "peak_reduction": self.peak_reduction,
+                "peak_kind": self.peak_kind,
+            },
+            "prediction": None,
+            "prediction_failure": self.prediction_failure,
+            "training_state": {**asdict(self.training), "total": self.training.total},
+            "capacity": None,
+        }
+        if self.prediction is not None:
+            p = self.prediction
+            data["prediction"] = {
+                "method": "saved tensors of the traced and rewritten graphs on fake tensors, linear in the batch",
+                "batches": list(p.batches),
+                "original_saved": asdict(p.original_saved),
+                "converted_saved": asdict(p.converted_saved),
+                "original_peak": asdict(p.original_peak),
+                "converted_peak": asdict(p.converted_peak),
+                "gradient_buffer_bytes": p.gradient_buffer_bytes,
+                "parts": [{"name": part.name, "kind": part.kind, "original": asdict(part.original),
+                           "converted": asdict(part.converted)} for part in p.parts],
+                "at_measured_batch": self.predicted(),
+                "relative_error": self.prediction_errors(),
+                "notes": list(p.notes),
+            }
+        if self.capacity is not None:
+            data["capacity"] = {**asdict(self.capacity), "gain": self.capacity.gain}
+        return data
+
+
+# --- measuring --------------------------------------------------------------------------------
+
 
 def _loss(output) -> torch.Tensor:
     leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
     if not leaves:
-        raise ValueError("the model returned no floating-point output that requires grad")
+        raise ReportError("the model returned no floating-point output that requires grad; nothing to train")
     return sum(t.float().sum() for t in leaves)
 
 
@@ -96,26 +203,123 @@ def measure_step(model: nn.Module, args: tuple, kwargs: dict | None = None) -> S
     return StepMeasurement(saved_bytes=saved.bytes, peak_bytes=peak, seconds=seconds)
 
 
-def memory_report(model: nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, converted: nn.Module | None = None, name: str | None = None) -> MemoryReport:
-    """Measure ``model`` and its conversion (made here unless ``converted`` is given)."""
+# --- predicting -------------------------------------------------------------------------------
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()), None)
+    return int(first.shape[0]) if first is not None else None
+
+
+def _graph_inputs(converted: nn.Module, compiled, args: tuple, kwargs: dict) -> list:
+    """The values of the traced graph's placeholders for this call, in order."""
+    from revcompile.frontend import bind_call, training_defaults
+
+    original = converted.original_model
+    call = bind_call(original, args, kwargs, training_defaults(original, kwargs))
+    if compiled.tracer == "fx":
+        return [call.keyword[name] for name in compiled.input_names]
+    return list(call.flat_inputs())
+
+
+def _at_batch(values: list, batch: int, new_batch: int) -> list:
+    """The same inputs with ``new_batch`` rows (repeating the given ones)."""
+    def resize(value):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+            return value.index_select(0, torch.arange(new_batch, device=value.device) % batch)
+        return value
+
+    return [resize(v) for v in values]
+
+
+def predict(converted: nn.Module, args: tuple, kwargs: dict, avoid_batch: int) -> MemoryPrediction:
+    """``passes.memory`` on the first compiled variant, fitted at batches other than ``avoid_batch``."""
+    compiled = converted.reversible_variants[0].compiled
+    inputs = _graph_inputs(converted, compiled, args, kwargs)
+
+    def run(batches):
+        return predict_activation_memory(
+            converted, compiled.traced_graph, compiled.graph, compiled.plan, compiled.segments,
+            lambda b: _at_batch(inputs, avoid_batch, b), batches,
+        )
+
+    try:
+        return run((avoid_batch + 1, 2 * avoid_batch + 1))
+    except PredictionFailed:
+        return run((avoid_batch,))  # a trace specialised to its batch size
+
+
+def _capacity(cap: int, state: TrainingState, prediction: MemoryPrediction | None,
+              measured: tuple[StepMeasurement, StepMeasurement] | None, batch: int | None) -> BatchCapacity:
+    if prediction is not None:
+        basis = "predicted peak activation memory (saved for backward + backward working memory)"
+        return batch_capacity(cap, state, prediction.original_peak, prediction.converted_peak, basis)
+    if measured is None or not batch:
+        raise ReportError("no prediction and no measurement to size a batch from")
+    lines = [LinearBytes(0.0, (m.peak_bytes or m.saved_bytes) / batch) for m in measured]
+    basis = f"measured peak at batch {batch}, assumed proportional to the batch (the prediction failed)"
+    return batch_capacity(cap, state, *lines, basis)
+
+
+def memory_report(
+    model: nn.Module,
+    example_inputs=(),
+    example_kwargs: dict | None = None,
+    *,
+    converted: nn.Module | None = None,
+    name: str | None = None,
+    memory_cap: int | str | None = None,
+    optimizer: str = "adamw",
+    reserve: int | str = DEFAULT_RESERVE,
+    progress=None,
+) -> MemoryReport:
+    """Measure and predict the memory of one training step of ``model`` and of its conversion.
+
+    ``example_inputs``/``example_kwargs``: one training call (its batch is the measured one).
+    ``converted``: an existing conversion of ``model`` (else it is converted here).
+    ``memory_cap`` (bytes or ``"16GiB"``): also find the largest batch that fits, with
+    ``optimizer``'s state (one of ``OPTIMIZER_STATE``) and ``reserve`` bytes set aside.
+    ``progress``: called with a short description as each stage starts.
+    Raises ``ReportError`` for a cap not even one sample fits, ``ConversionError`` if the
+    model cannot be converted.
+    """
     from revcompile.api import convert, explain
 
+    say = progress or (lambda text: None)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
-    if converted is None:
-        converted = convert(model, args, kwargs)
+    cap = parse_bytes(memory_cap) if memory_cap is not None else None
+    state = training_state(model, optimizer, parse_bytes(reserve))
     model.train()
+    if converted is None:
+        say("tracing and converting")
+        converted = convert(model, args, kwargs)
     converted.train()
+    batch = _batch_size(args, kwargs)
+    say("predicting memory from the graphs (fake tensors)")
+    prediction, failure = None, None
+    try:
+        prediction = predict(converted, args, kwargs, batch or 1)
+    except PredictionFailed as err:
+        failure = str(err)
+    if cap is not None and prediction is not None:
+        _capacity(cap, state, prediction, None, batch)  # fail before measuring
+    say("measuring one training step of the original")
     original = measure_step(model, args, kwargs)
+    say("measuring one training step of the converted model")
     reversible = measure_step(converted, args, kwargs)
-    first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
+    capacity = _capacity(cap, state, prediction, (original, reversible), batch) if cap is not None else None
     param = next(model.parameters())
     return MemoryReport(
         model=name or type(model).__name__,
-        batch_size=int(first.shape[0]) if first is not None and first.dim() else None,
+        batch_size=batch,
         device=str(param.device),
         dtype=str(param.dtype).replace("torch.", ""),
         plan=explain(converted),
         original=original,
         converted=reversible,
+        prediction=prediction,
+        prediction_failure=failure,
+        training=state,
+        capacity=capacity,
     )
