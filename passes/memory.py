@@ -148,7 +148,7 @@ class _ReversibleStandIn(torch.autograd.Function):
     def forward(ctx, run_blocks, fusion: str, x: torch.Tensor, *side):
         y1, y2 = run_blocks(x, side)
         ctx.save_for_backward(y1, y2, *(s for s in side if isinstance(s, torch.Tensor)))
-        return _fuse(y1, y2, fusion)
+        return _fuse(y1, y2, fusion).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # never run: only the forward's bookkeeping matters here
@@ -183,7 +183,7 @@ class _SegmentLog:
     recompute_bytes: int = 0  # the largest branch's saved tensors when recomputed
 
 
-def _segment_stand_in(program: SegmentProgram, root: nn.Module, parameter_storages: set, log: _SegmentLog):
+def _segment_stand_in(program: SegmentProgram, root: nn.Module, parameter_storages: set, log: _SegmentLog, stream_dtype):
     branches = [(fx.GraphModule(root, b.f.graph), b.f, fx.GraphModule(root, b.g.graph), b.g) for b in program.blocks]
 
     def recompute(gm: fx.GraphModule, branch, stream: torch.Tensor, side: tuple) -> torch.Tensor:
@@ -195,11 +195,12 @@ def _segment_stand_in(program: SegmentProgram, root: nn.Module, parameter_storag
         return out.detach()
 
     def run_blocks(x: torch.Tensor, side: tuple):
-        log.stream_bytes = max(log.stream_bytes, tensor_bytes(x))
-        x1 = x2 = x
+        # the streams are kept in the runtime's stream dtype; branches run in the model's
+        x1 = x2 = x.to(stream_dtype(x.dtype) or x.dtype)
+        log.stream_bytes = max(log.stream_bytes, tensor_bytes(x1))
         for f_gm, f, g_gm, g in branches:
-            y1 = x1 + recompute(f_gm, f, x2, side)
-            y2 = x2 + recompute(g_gm, g, y1, side)
+            y1 = x1 + recompute(f_gm, f, x2.to(x.dtype), side)
+            y2 = x2 + recompute(g_gm, g, y1.to(x.dtype), side)
             x1, x2 = y1, y2
         return x1, x2
 
@@ -216,7 +217,7 @@ class _Run:
     recompute_bytes: int
 
 
-def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, inputs: Sequence) -> _Run:
+def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, inputs: Sequence, stream_dtype) -> _Run:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -227,7 +228,7 @@ def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, 
     devices = sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
     with torch.random.fork_rng(devices=devices), mode, _reparametrize_module(root, {**parameters, **buffers}):
         fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-        stand_ins = {p.index: _segment_stand_in(p, root, parameter_storages, log) for p, log in zip(segments, logs)}
+        stand_ins = {p.index: _segment_stand_in(p, root, parameter_storages, log, stream_dtype) for p, log in zip(segments, logs)}
         ledgers = []
         for graph in (original, rewritten):
             ledger = _SavedLedger(parameter_storages)
@@ -313,6 +314,7 @@ def predict_activation_memory(
     segments: Sequence[SegmentProgram],
     inputs_for_batch: Callable[[int], Sequence],
     batches: Sequence[int],
+    stream_dtype: Callable[[torch.dtype], torch.dtype | None] = lambda dtype: None,
 ) -> MemoryPrediction:
     """Predict saved-for-backward and backward-transient bytes, per part, as lines in the batch size.
 
@@ -320,14 +322,15 @@ def predict_activation_memory(
     graph, ``rewritten`` the same graph with segment calls; ``inputs_for_batch(b)`` returns
     the graphs' placeholder values (non-specialised ones, in order) for batch size ``b``.
     The graphs are interpreted at each of ``batches`` (two give the fit; a batch that fails
-    to interpret, say because the trace specialised the batch size, is dropped). Raises
-    ``PredictionFailed`` if no batch size can be interpreted.
+    to interpret, say because the trace specialised the batch size, is dropped).
+    ``stream_dtype(model_dtype)`` is the dtype the runtime keeps a segment's two streams in
+    (None: the model's own). Raises ``PredictionFailed`` if no batch size can be interpreted.
     """
     runs: list[tuple[int, _Run]] = []
     failures: list[str] = []
     for batch in batches:
         try:
-            runs.append((batch, _run_at(root, original, rewritten, segments, inputs_for_batch(batch))))
+            runs.append((batch, _run_at(root, original, rewritten, segments, inputs_for_batch(batch), stream_dtype)))
         except Exception as err:  # noqa: BLE001 -- any failure of the fake run is reported, not raised
             failures.append(f"batch {batch}: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}")
     if not runs:

@@ -17,6 +17,7 @@ from revcompile.api import (
     convert,
     explain,
     find_converted,
+    reconstruction_report,
     set_backward,
     unconvert,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "explain",
     "set_backward",
     "backward_program",
+    "reconstruction_report",
     "unconvert",
     "verify",
     "VerifyReport",

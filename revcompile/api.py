@@ -11,9 +11,17 @@ from passes.schedule import BackwardProgram
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS
-from revcompile.runtime import BACKWARD_MODES
+from revcompile.runtime import BACKWARD_MODES, STREAM_PRECISIONS, ReconstructionDrift
 
-__all__ = ["convert", "explain", "set_backward", "backward_program", "unconvert", "find_converted"]
+__all__ = [
+    "convert",
+    "explain",
+    "set_backward",
+    "backward_program",
+    "reconstruction_report",
+    "unconvert",
+    "find_converted",
+]
 
 
 def convert(
@@ -24,6 +32,8 @@ def convert(
     tracer: str = "auto",
     fusion: str = "mean",
     post_norm: str = "skip",
+    streams: str = "exact",
+    check_reconstruction: bool = False,
 ) -> ReversibleModel:
     """Rewrite the residual attention/MLP chains of ``model`` into reversible segments.
 
@@ -39,6 +49,12 @@ def convert(
     ``fusion``: how a segment's two streams become one tensor: one of ``FUSIONS``.
     ``post_norm``: ``"skip"`` leaves post-norm blocks (BERT: ``norm(x + f(x))``) as they are;
     ``"move"`` converts them with each such norm moved into the branch after it.
+    ``streams``: how the two coupled streams are kept while the branches run in the model's
+    own precision: ``"exact"`` (float64 on a fixed-point grid, so that reconstruction is exact
+    at any depth and precision), ``"float32"`` or ``"model"`` (see docs/numerics.md).
+    ``check_reconstruction``: a debug mode that keeps every block's inputs, compares the
+    reconstructed ones with them in backward (``reconstruction_report``) and raises on a
+    non-finite reconstruction. It stores activations: do not train with it.
     Raises ``ConversionError`` when tracing fails or nothing is convertible.
     """
     if not isinstance(model, nn.Module):
@@ -51,8 +67,12 @@ def convert(
         raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {fusion!r}")
     if post_norm not in POST_NORM:
         raise ValueError(f"post_norm must be one of {sorted(POST_NORM)}, got {post_norm!r}")
+    if streams not in STREAM_PRECISIONS:
+        raise ValueError(f"streams must be one of {sorted(STREAM_PRECISIONS)}, got {streams!r}")
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    converted = ReversibleModel(model, tracer=tracer, fusion=fusion, post_norm=post_norm)
+    converted = ReversibleModel(
+        model, tracer=tracer, fusion=fusion, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction
+    )
     try:
         converted.compile_for(args, dict(example_kwargs or {}))
     except TypeError as err:
@@ -109,3 +129,15 @@ def backward_program(module: nn.Module, segment: int = 0, *, mode: str = "parall
 def unconvert(module: nn.Module) -> nn.Module:
     """The original model behind a converted one (sharing its current parameters)."""
     return _the_converted(module).original_model
+
+
+def reconstruction_report(module: nn.Module) -> list[ReconstructionDrift]:
+    """Per block, how far the last backward's reconstructed inputs were from the forward's.
+
+    Needs ``convert(..., check_reconstruction=True)``; empty before the first backward.
+    """
+    converted = _the_converted(module)
+    if not converted.reversible_settings.check_reconstruction:
+        raise ValueError("convert the model with check_reconstruction=True to record reconstruction drift")
+    drift = converted.reversible_settings.drift
+    return [d for key in sorted(drift) for d in drift[key]]

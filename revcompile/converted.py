@@ -84,7 +84,16 @@ def _leaf_key(value):
 class ReversibleModel(nn.Module):
     """``original`` with its residual attention/MLP chains running as reversible segments."""
 
-    def __init__(self, original: nn.Module, *, tracer: str, fusion: str, post_norm: str = "skip"):
+    def __init__(
+        self,
+        original: nn.Module,
+        *,
+        tracer: str,
+        fusion: str,
+        post_norm: str = "skip",
+        streams: str = "exact",
+        check_reconstruction: bool = False,
+    ):
         super().__init__()
         self._modules.update(original._modules)
         self._parameters.update(original._parameters)
@@ -96,7 +105,7 @@ class ReversibleModel(nn.Module):
         state["_rc_tracer"] = tracer
         state["_rc_fusion"] = fusion
         state["_rc_post_norm"] = post_norm
-        state["_rc_settings"] = RuntimeSettings()
+        state["_rc_settings"] = RuntimeSettings(streams=streams, check_reconstruction=check_reconstruction)
         state["_rc_variants"] = {}
         state["_rc_plan"] = None  # the first variant's plan: every later variant must match it
         state["_rc_tracer_used"] = None

@@ -36,12 +36,11 @@ from __future__ import annotations
 import contextlib
 import statistics
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from passes.rewrite import BranchProgram, SegmentProgram
 from passes.schedule import (
@@ -57,7 +56,7 @@ from passes.schedule import (
 )
 from revcompile.executor import run_program, stream_backend
 
-__all__ = ["BACKWARD_MODES", "RuntimeSettings", "ReversibleSegment", "bind_graph"]
+__all__ = ["BACKWARD_MODES", "STREAM_PRECISIONS", "StreamArithmetic", "stream_dtype", "ReconstructionDrift", "RuntimeSettings", "ReversibleSegment", "bind_graph"]
 
 BACKWARD_MODES = {
     "reversible": "reconstruct inputs from outputs in backward; activation memory independent of depth",
@@ -72,11 +71,96 @@ BACKWARD_MODES = {
 _PROGRAM_STREAMS = {"reversible": 1, "parallel": 2}
 
 
+# How the two coupled streams are kept while the branches run (``convert(..., streams=)``).
+STREAM_PRECISIONS = {
+    "exact": "float64 on a fixed-point grid (2**-36): branch outputs are rounded onto it, so the "
+    "stream additions are exact and so is reconstruction, at any depth and precision",
+    "float32": "float32 when the model's stream is float16/bfloat16, else the model's precision",
+    "model": "whatever precision the model computes the stream in",
+}
+
+# Fixed-point scale of "exact" streams. float64's 53-bit significand fixes range x resolution:
+# 2**-36 resolves 1.5e-11 (finer than float32 above ~1e-4, so LayerScale-sized branch outputs
+# survive) and stays exact while |x| < 2**17 = 131072 (LLM "massive activations" are ~1e4).
+_GRID = 2.0**36
+
+
+class _ToGrid(torch.autograd.Function):
+    """Round onto the fixed-point grid in float64; the gradient passes straight through."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor) -> torch.Tensor:
+        ctx.dtype = value.dtype
+        return torch.round(value.double() * _GRID) / _GRID
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.to(ctx.dtype)
+
+
+def stream_dtype(precision: str, model_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype streams are kept in for ``precision``; None keeps the model's own."""
+    if precision == "exact":
+        return torch.float64
+    if precision == "float32" and model_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return None
+
+
+class StreamArithmetic:
+    """How a segment enters, updates, inverts and leaves its two streams.
+
+    The branches always run in the model's own precision; only the streams' representation
+    changes. ``add`` and ``subtract`` are inverses exactly for ``"exact"`` and up to
+    rounding otherwise.
+    """
+
+    def __init__(self, precision: str, x: torch.Tensor):
+        self.precision = precision
+        self.model_dtype = x.dtype
+        self.stream_dtype = stream_dtype(precision, x.dtype)
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision == "exact":
+            return _ToGrid.apply(x)
+        return x if self.stream_dtype is None else x.to(self.stream_dtype)
+
+    def branch_input(self, stream: torch.Tensor) -> torch.Tensor:
+        return stream if self.stream_dtype is None else stream.to(self.model_dtype)
+
+    def _on_stream(self, branch_output: torch.Tensor) -> torch.Tensor:
+        return _ToGrid.apply(branch_output) if self.precision == "exact" else branch_output
+
+    def add(self, stream: torch.Tensor, branch_output: torch.Tensor) -> torch.Tensor:
+        return stream + self._on_stream(branch_output)
+
+    def subtract(self, stream: torch.Tensor, branch_output: torch.Tensor) -> torch.Tensor:
+        return stream - self._on_stream(branch_output.detach())
+
+    def leave(self, fused: torch.Tensor) -> torch.Tensor:
+        return fused.to(self.model_dtype)
+
+
+@dataclass(frozen=True)
+class ReconstructionDrift:
+    """How far a reconstructed block input is from the one the forward computed."""
+
+    segment: int
+    block: str
+    stream: str  # "X1" or "X2"
+    max_abs_error: float
+    relative_error: float  # max |reconstructed - stored| / max |stored|
+
+
 @dataclass
 class RuntimeSettings:
     """Mutable run-time switches shared by all segments of one converted model."""
 
     mode: str = "reversible"
+    streams: str = "exact"
+    check_reconstruction: bool = False
+    # filled by the reconstruction check: (segment, block index) -> (X1 drift, X2 drift)
+    drift: dict = field(default_factory=dict)
 
 
 def bind_graph(graph: fx.Graph, root: nn.Module, class_name: str) -> fx.GraphModule:
@@ -197,38 +281,81 @@ class ReversibleSegment:
         """The parameters as they are now (looked up by name: they may have been replaced)."""
         return [self.root.get_parameter(name) for name in self.parameter_names]
 
-    def run_blocks(self, x: torch.Tensor, side: tuple, rng_log: list | None = None, devices=()):
-        x1 = x2 = x
+    def arithmetic(self, x: torch.Tensor) -> StreamArithmetic:
+        return StreamArithmetic(self.settings.streams, x)
+
+    def run_blocks(self, x: torch.Tensor, side: tuple, rng_log: list | None = None, devices=(), inputs: list | None = None):
+        """Forward through the coupled blocks: ``(Y1, Y2)`` of the last block."""
+        arithmetic = self.arithmetic(x)
+        x1 = x2 = arithmetic.enter(x)
         for f, g in self.blocks:
+            if inputs is not None:
+                inputs.append((x1, x2))
             if rng_log is not None:
                 rng_log.append(_capture_rng(devices))
-            y1 = x1 + f(x2, side)
+            y1 = arithmetic.add(x1, f(arithmetic.branch_input(x2), side))
             if rng_log is not None:
                 rng_log.append(_capture_rng(devices))
-            y2 = x2 + g(y1, side)
+            y2 = arithmetic.add(x2, g(arithmetic.branch_input(y1), side))
             x1, x2 = y1, y2
         return x1, x2
 
+    def fuse(self, y1: torch.Tensor, y2: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.arithmetic(like).leave(_fuse(y1, y2, self.fusion))
+
+    @torch.compiler.disable
     def __call__(self, x: torch.Tensor, *side):
+        # Kept out of torch.compile: a compiled forward would draw dropout masks with
+        # inductor's generator, which the eager recompute in backward cannot replay.
         params = self.parameters()
+        _refuse_sharded(self, params)
         needs_graph = torch.is_grad_enabled() and (
             x.requires_grad
             or any(p.requires_grad for p in params)
             or any(isinstance(s, torch.Tensor) and s.requires_grad for s in side)
         )
         if self.settings.mode == "autograd" or not needs_graph:
-            return _fuse(*self.run_blocks(x, side), self.fusion)
+            return self.fuse(*self.run_blocks(x, side), x)
         return _ReversibleFunction.apply(self, x, len(side), *side, *params)
+
+
+def _refuse_sharded(segment: "ReversibleSegment", params) -> None:
+    """FSDP that shards a module inside a segment: its parameters arrive sharded, because the
+    segment reads them directly instead of calling that module (so FSDP never gathers them)."""
+    sharded = [n for n, p in zip(segment.parameter_names, params) if type(p).__name__ == "DTensor"]
+    if sharded:
+        raise RuntimeError(
+            f"revcompile: {len(sharded)} parameters of {segment.__name__} ({sharded[0]}, ...) are sharded "
+            "by FSDP. Reversible segments read their parameters directly, so shard the converted model "
+            "as a whole -- fully_shard(converted) -- not modules inside it, or use DistributedDataParallel."
+        )
 
 
 # --- the math of the backward steps ---------------------------------------------------------------
 
 
-def _rebuild(branch: _Branch, stream: torch.Tensor, side: tuple):
+def _rebuild(branch: _Branch, stream: torch.Tensor, side: tuple, arithmetic: StreamArithmetic):
     """Recompute ``branch(stream)`` with a graph from a fresh leaf: ``(leaf, output)``."""
     with torch.enable_grad():
         leaf = stream.detach().requires_grad_(True)
-        return leaf, branch(leaf, side)
+        return leaf, branch(arithmetic.branch_input(leaf), side)
+
+
+def _record_drift(segment: "ReversibleSegment", i: int, rebuilt, stored) -> None:
+    """The reconstruction check: compare rebuilt block inputs with the ones kept for it."""
+    drifts = []
+    for stream, got, want in zip(("X1", "X2"), rebuilt, stored):
+        if not torch.isfinite(got).all():
+            raise RuntimeError(
+                f"revcompile: non-finite reconstruction of {stream} at the input of block "
+                f"{segment.program.blocks[i].name} ({segment.__name__}): the forward overflowed or the "
+                "reconstruction diverged. Keep the streams in float32 (convert(..., streams='float32')), "
+                "lower the learning rate, or use set_backward(model, 'autograd') to compare."
+            )
+        error = float((got.double() - want.double()).abs().max())
+        scale = float(want.double().abs().max())
+        drifts.append(ReconstructionDrift(segment.program.index, segment.program.blocks[i].name, stream, error, error / scale if scale else error))
+    segment.settings.drift[(segment.program.index, i)] = tuple(drifts)
 
 
 def _pull(branch: _Branch, leaf, out, cotangent, params, side, side_leaves):
@@ -242,7 +369,7 @@ def _pull(branch: _Branch, leaf, out, cotangent, params, side, side_leaves):
     own_params = [(i, params[i]) for i in branch.parameters if params[i].requires_grad]
     own_side = [(i, side[i]) for i in branch.side_inputs if i in side_leaves]
     wrt = [leaf] + [p for _, p in own_params] + [s for _, s in own_side]
-    grads = torch.autograd.grad(out, wrt, cotangent, allow_unused=True)
+    grads = torch.autograd.grad(out, wrt, cotangent.to(out.dtype), allow_unused=True)
     k = 1 + len(own_params)
     return grads[0], list(zip((i for i, _ in own_params), grads[1:k])), list(zip((i for i, _ in own_side), grads[k:]))
 
@@ -254,9 +381,10 @@ class _StepMath:
     program's environment under the names ``passes.schedule`` gives them.
     """
 
-    def __init__(self, segment: "ReversibleSegment", side: tuple, params, rng_log, devices, side_leaves):
+    def __init__(self, segment: "ReversibleSegment", side: tuple, params, rng_log, devices, side_leaves, arithmetic, stored):
         self.segment, self.side, self.params = segment, side, params
         self.rng_log, self.devices, self.side_leaves = rng_log, devices, side_leaves
+        self.arithmetic, self.stored = arithmetic, stored
         self.ops = {RECOMPUTE: self.recompute, GRAD: self.grad}
 
     def recompute(self, i: int, branch: str, values, scratch: dict) -> None:
@@ -264,15 +392,17 @@ class _StepMath:
         y1, y2 = values[streams_value(i)]
         if branch == "g":
             with _replayed_rng(self.rng_log[2 * i + 1], self.devices):
-                leaf, out = _rebuild(g, y1, self.side)
+                leaf, out = _rebuild(g, y1, self.side, self.arithmetic)
             values[graph_value(i)] = {"g": (leaf, out)}
-            scratch["x2"] = y2 - out.detach()
+            scratch["x2"] = self.arithmetic.subtract(y2, out)
         else:
             x2 = scratch.pop("x2")
             with _replayed_rng(self.rng_log[2 * i], self.devices):
-                leaf, out = _rebuild(f, x2, self.side)
+                leaf, out = _rebuild(f, x2, self.side, self.arithmetic)
             values[graph_value(i)]["f"] = (leaf, out)
-            values[streams_value(i - 1)] = (y1 - out.detach(), x2)
+            values[streams_value(i - 1)] = (self.arithmetic.subtract(y1, out), x2)
+            if self.stored is not None:
+                _record_drift(self.segment, i, values[streams_value(i - 1)], self.stored[i])
 
     def grad(self, i: int, branch: str, values, scratch: dict) -> None:
         f, g = self.segment.blocks[i]
@@ -365,8 +495,9 @@ class _ReversibleFunction(torch.autograd.Function):
         side, params = rest[:n_side], rest[n_side:]
         devices = _cuda_devices((x, *side))
         rng_log: list = []
-        y1, y2 = segment.run_blocks(x, side, rng_log, devices)
-        out = _fuse(y1, y2, segment.fusion)
+        stored = [] if segment.settings.check_reconstruction else None  # debug: keep block inputs
+        y1, y2 = segment.run_blocks(x, side, rng_log, devices, stored)
+        out = segment.fuse(y1, y2, x)
         tensor_side = [i for i, s in enumerate(side) if isinstance(s, torch.Tensor)]
         ctx.save_for_backward(y1, y2, *(side[i] for i in tensor_side))
         ctx.segment = segment
@@ -376,11 +507,19 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.rng = (rng_log, devices)
         ctx.autocast = _autocast_state()
         ctx.mode = segment.settings.mode
+        ctx.arithmetic = segment.arithmetic(x)
+        ctx.input_dtype = x.dtype
+        ctx.stored = stored
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "revcompile: double backward (create_graph=True) through a reversible segment is not "
+                "supported: its backward recomputes instead of keeping a differentiable graph. For "
+                "higher-order gradients use revcompile.set_backward(model, 'autograd')."
+            )
         segment: ReversibleSegment = ctx.segment
         y1, y2, *saved_side = ctx.saved_tensors
         n_side, tensor_side, constants = ctx.side_layout
@@ -390,9 +529,10 @@ class _ReversibleFunction(torch.autograd.Function):
         side = tuple(side_list)
         rng_log, devices = ctx.rng
         depth = len(segment.blocks)
-        env = {streams_value(depth - 1): (y1, y2), cotangent_value(depth - 1): _fuse_backward(grad_out, segment.fusion)}
+        cotangents = _fuse_backward(grad_out.to(y1.dtype), segment.fusion)
+        env = {streams_value(depth - 1): (y1, y2), cotangent_value(depth - 1): cotangents}
         env.update({side_value(i): side[i] for i in tensor_side})
-        math = _StepMath(segment, side, ctx.params, rng_log, devices, ctx.side_requires_grad)
+        math = _StepMath(segment, side, ctx.params, rng_log, devices, ctx.side_requires_grad, ctx.arithmetic, ctx.stored)
         mode, timing = _backward_mode(ctx, segment, y1)
         program = segment.backward_program(mode)
         with _autocast_as(ctx.autocast), timing:
@@ -400,4 +540,4 @@ class _ReversibleFunction(torch.autograd.Function):
         dx1, dx2 = env[cotangent_value(-1)]
         param_grads = [env.get(grad_value(name)) for name in segment.parameter_names]
         side_grads = [env.get(grad_value(side_value(i))) for i in range(n_side)]
-        return (None, dx1 + dx2, None, *side_grads, *param_grads)
+        return (None, (dx1 + dx2).to(ctx.input_dtype), None, *side_grads, *param_grads)

@@ -52,6 +52,23 @@ class VerifyReport:
     def worst(self) -> GradientCheck | None:
         return self.checks[0] if self.checks else None
 
+    def __rich__(self):
+        from rich.table import Table
+
+        verdict = "[bold green]PASSED[/bold green]" if self.passed else "[bold red]FAILED[/bold red]"
+        table = Table(
+            title=f"revcompile.verify: {verdict}: {len(self.checks)} gradients, '{self.mode}' vs 'autograd'",
+            caption="forward outputs identical" if self.outputs_equal else "[red]forward outputs differ[/red]",
+        )
+        for column, justify in (("", "left"), ("gradient (worst first)", "left"), ("relative error", "right"), ("tolerance", "right")):
+            table.add_column(column, justify=justify)
+        for check in self.checks[:10]:
+            mark = "[green]ok[/green]" if check.passed else "[red]BAD[/red]"
+            table.add_row(mark, check.name, f"{check.relative_error:.2e}", f"{check.tolerance:.0e}")
+        if len(self.checks) > 10:
+            table.add_row("", f"... {len(self.checks) - 10} more", "", "")
+        return table
+
     def __str__(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
         lines = [

@@ -97,3 +97,48 @@ def test_ddp_gradients_equal_single_process(tmp_path):
             assert got.keys() == expected.keys()
             for name in expected:
                 torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=f"{kind} {name}")
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    fully_shard = _fully_shard()
+    try:
+        images, labels = _shard(rank)
+        converted = revcompile.convert(_model(), images[:2])
+        fully_shard(converted)  # the whole converted model: supported
+        torch.manual_seed(rank)
+        _loss(converted, images, labels).backward()
+        grads = {name: p.grad.full_tensor() for name, p in converted.named_parameters()}
+        torch.save(grads, os.path.join(out_dir, f"fsdp_{rank}.pt"))
+
+        inner = revcompile.convert(_model(), images[:2])
+        fully_shard(inner.blocks[0])  # a module inside a segment: refused, with the alternative
+        try:
+            inner(images)
+            message = "no error"
+        except RuntimeError as err:
+            message = str(err)
+        with open(os.path.join(out_dir, f"inner_{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_of_the_whole_converted_model_equals_single_process(tmp_path):
+    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    expected = _reference([[(rank, _shard(rank))] for rank in range(WORLD)])
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"fsdp_{rank}.pt")
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+        message = (tmp_path / f"inner_{rank}.txt").read_text()
+        assert "sharded by FSDP" in message and "fully_shard(converted)" in message, message

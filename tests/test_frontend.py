@@ -132,6 +132,10 @@ def test_bad_example_inputs_and_options_get_clear_errors():
         revcompile.convert(model, x, tracer="jit")
     with pytest.raises(ValueError, match="fusion"):
         revcompile.convert(model, x, fusion="concat")
+    with pytest.raises(ValueError, match="streams"):
+        revcompile.convert(model, x, streams="int8")
+    with pytest.raises(ValueError, match="post_norm"):
+        revcompile.convert(model, x, post_norm="drop")
     converted = revcompile.convert(model, x)
     with pytest.raises(ConversionError, match="already converted"):
         revcompile.convert(converted, x)

@@ -113,7 +113,8 @@ def test_extracted_branches_compute_the_coupling(fusion):
     expected = model.head(_run_coupled(model, program, stream, fusion))
     from revcompile.runtime import ReversibleSegment, RuntimeSettings
 
-    segment = ReversibleSegment(program, model, RuntimeSettings())
+    # "model" streams: the same float32 arithmetic as the reference loop above.
+    segment = ReversibleSegment(program, model, RuntimeSettings(streams="model"))
     for node in gm.graph.nodes:
         if isinstance(node.target, SegmentCall):
             node.target = segment
