@@ -81,9 +81,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "parameters excluded), original model -> converted model. These configs have 2-5 layers; the "
         "converted model's number does not grow with depth while the original's does (see "
         "docs/benchmarks.md), so real depths save far more.",
-        "- A worst error of exactly 0 (Llama, Mistral, Qwen2): their RMSNorm casts its input to float32 "
-        "first, so in a float64 model the ~1e-17 reconstruction differences are rounded away and the "
-        "recomputed branches are bit-identical.",
+        "- Reconstruction is exact (the default `streams=\"exact\"`), so what remains is float64 "
+        "summation order: the runtime and the autograd engine add the two streams' cotangents in a "
+        "different order where they leave a segment (in the reference ViT, only the input's and the "
+        "parameters before the segment differ, by ~1e-16; every block parameter is bit-identical).",
         "",
         "| family | tracer | blocks | segments | coupling | worst grad error | saved for backward (KiB) | reduction | convert (s) |",
         "|---|---|---:|---:|---|---:|---:|---:|---:|",

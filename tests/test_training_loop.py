@@ -110,17 +110,23 @@ def test_grad_scaler_steps_a_converted_model_under_fp16_autocast():
 # -- torch.compile --------------------------------------------------------------------------------
 
 
-def test_torch_compile_trains_with_eager_gradients():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_trains_with_eager_gradients(backend):
+    import torch._inductor.config
+
     converted, images = _vit(depth=2, dtype=torch.float64)
     reference = _step_gradients(converted, images, "autograd")
-    compiled = torch.compile(converted, backend="aot_eager")
+    compiled = torch.compile(converted, backend=backend)
     revcompile.set_backward(converted, "reversible")
-    for _ in range(2):  # and again, from the compiled cache
-        converted.zero_grad(set_to_none=True)
-        torch.manual_seed(3)
-        compiled(images).float().square().mean().backward()
-        for name, p in converted.named_parameters():
-            assert relative_error(p.grad, reference[name]) < 1e-12, name
+    # inductor draws dropout masks outside the segments with its own generator unless told
+    # to use eager's; with it, compiled and eager draw the same masks (docs/limitations.md)
+    with torch._inductor.config.patch(fallback_random=True):
+        for _ in range(2):  # and again, from the compiled cache
+            converted.zero_grad(set_to_none=True)
+            torch.manual_seed(3)
+            compiled(images).float().square().mean().backward()
+            for name, p in converted.named_parameters():
+                assert relative_error(p.grad, reference[name]) < 1e-12, name
     assert revcompile.find_converted(compiled) == [converted]
 
 
