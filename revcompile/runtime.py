@@ -91,7 +91,9 @@ class _ToGrid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value: torch.Tensor) -> torch.Tensor:
         ctx.dtype = value.dtype
-        return torch.round(value.double() * _GRID) / _GRID
+        # one float64 temporary, rounded in place (a Function's forward records no graph)
+        grid = value.to(torch.float64, copy=True)
+        return grid.mul_(_GRID).round_().div_(_GRID)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
