@@ -52,8 +52,9 @@ def test_cuda_dropout_replay_is_needed(monkeypatch):
     assert max(relative_error(broken[n], reference[n]) for n in reference if reference[n] is not None) > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["reversible", "parallel"])
 @pytest.mark.parametrize("depth", [3, 4])
-def test_cuda_bf16_autocast_gradients(depth):
+def test_cuda_bf16_autocast_gradients(depth, mode):
     model, x = _cuda_vit(depth)
     converted = revcompile.convert(model, x)
 
@@ -64,7 +65,7 @@ def test_cuda_bf16_autocast_gradients(depth):
             out = converted(x.clone().requires_grad_())
         return torch.autograd.grad(out.float().square().sum(), list(converted.parameters()))
 
-    reference, got = grads("autograd"), grads("reversible")
+    reference, got = grads("autograd"), grads(mode)
     assert max(relative_error(a, b) for a, b in zip(got, reference)) < 2e-2
 
 
@@ -102,22 +103,6 @@ def test_cuda_parallel_float64_gradients_with_dropout():
     model, x = _cuda_vit(5, torch.float64)
     converted = revcompile.convert(model, x)
     assert_gradients_match(converted, (x,), tol=1e-10, mode="parallel")
-
-
-@pytest.mark.parametrize("depth", [3, 4])
-def test_cuda_parallel_bf16_autocast_gradients(depth):
-    model, x = _cuda_vit(depth)
-    converted = revcompile.convert(model, x)
-
-    def grads(mode):
-        revcompile.set_backward(converted, mode)
-        torch.manual_seed(3)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = converted(x.clone().requires_grad_())
-        return torch.autograd.grad(out.float().square().sum(), list(converted.parameters()))
-
-    reference, got = grads("autograd"), grads("parallel")
-    assert max(relative_error(a, b) for a, b in zip(got, reference)) < 2e-2
 
 
 class _RecordingCudaStreams(runtime_streams.CudaStreams):

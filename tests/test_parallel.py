@@ -71,28 +71,6 @@ def test_parallel_reaches_side_inputs():
     assert_gradients_match(converted, (x,), tol=1e-10, mode="parallel")
 
 
-def test_parallel_needs_the_dropout_replay(monkeypatch):
-    model, x = _vit(3)
-    converted = revcompile.convert(model, x)
-    reference, _ = gradients(converted, (x,), mode="autograd")
-    monkeypatch.setattr(runtime, "_replayed_rng", lambda state, devices: contextlib.nullcontext())
-    broken, _ = gradients(converted, (x,), mode="parallel")
-    assert max(relative_error(broken[n], reference[n]) for n in reference if reference[n] is not None) > 1e-3
-
-
-def test_parallel_leaves_the_user_random_stream_alone():
-    model, x = _vit(3)
-    converted = revcompile.convert(model, x)
-
-    def state_after(mode):
-        revcompile.set_backward(converted, mode)
-        torch.manual_seed(7)
-        converted(x.clone().requires_grad_()).sum().backward()
-        return torch.get_rng_state()
-
-    assert torch.equal(state_after("autograd"), state_after("parallel"))
-
-
 def test_parallel_replays_autocast():
     torch.manual_seed(0)
     model = perturb_parameters(reference_vit(depth=4, dim=64, heads=2))

@@ -51,19 +51,21 @@ def test_every_fusion_is_exact(fusion):
     assert_gradients_match(converted, (x,), tol=1e-10)
 
 
-def test_dropout_masks_are_replayed_not_reseeded(monkeypatch):
+@pytest.mark.parametrize("mode", ["reversible", "parallel"])
+def test_dropout_masks_are_replayed_not_reseeded(monkeypatch, mode):
     """Without replaying the forward's generator state the gradients are wrong: the check
     above would catch a broken replay."""
     model, x = _vit(3)
     converted = revcompile.convert(model, x)
     reference, _ = gradients(converted, (x,), mode="autograd")
     monkeypatch.setattr(runtime, "_replayed_rng", lambda state, devices: contextlib.nullcontext())
-    broken, _ = gradients(converted, (x,), mode="reversible")
+    broken, _ = gradients(converted, (x,), mode=mode)
     worst = max(relative_error(broken[n], reference[n]) for n in reference if reference[n] is not None)
     assert worst > 1e-3
 
 
-def test_user_random_stream_is_untouched():
+@pytest.mark.parametrize("mode", ["reversible", "parallel"])
+def test_user_random_stream_is_untouched(mode):
     model, x = _vit(3)
     converted = revcompile.convert(model, x)
 
@@ -73,7 +75,7 @@ def test_user_random_stream_is_untouched():
         converted(x.clone().requires_grad_()).sum().backward()
         return torch.get_rng_state()
 
-    assert torch.equal(state_after("autograd"), state_after("reversible"))
+    assert torch.equal(state_after("autograd"), state_after(mode))
     torch.manual_seed(7)
     before = torch.get_rng_state()
     revcompile.convert(model, x)  # conversion itself draws no random numbers
