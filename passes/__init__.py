@@ -1,0 +1,15 @@
+"""revcompile's compile passes, installed as ``revcompile.passes``: graph in, frozen result out.
+
+The pipeline, in the order ``revcompile.pipeline`` runs it:
+
+    normalize   guards out, shape queries on the stream origin, in-place adds made explicit
+    residuals   residual adds whose branch is a single-entry region (with the reason when not)
+    detect      attention/MLP blocks, chains of them -> segments: a ``plan.Plan``
+    rewrite     each segment -> one ``reversible_segment_<i>`` call + its branch programs
+    couplings   what a block computes: forward, inverse and gradient steps, what it saves
+    schedule    each segment's backward as a program of steps, streams and waits
+    memory      saved-for-backward and working bytes predicted on fake tensors
+
+``graph_view`` and ``patterns`` are what the structural passes share: a networkx view of
+the graph and the op patterns declared as data. Passes never import the runtime or CLI.
+"""

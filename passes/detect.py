@@ -1,7 +1,7 @@
 """Assemble residuals into reversible blocks and chain blocks into segments.
 
 A block is what the coupling ``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)`` replaces
-(``passes.plan.COUPLINGS``):
+(``revcompile.passes.plan.COUPLINGS``):
 
 * sequential: an attention residual whose output feeds an MLP residual and nothing else
   (F = attention branch, G = MLP branch);
@@ -26,10 +26,10 @@ from __future__ import annotations
 import networkx as nx
 import torch.fx as fx
 
-from passes.graph_view import GraphView, shape_key
-from passes.patterns import NORM, RESIDUAL_ADD, STREAM_TRANSPARENT, is_layout_reshape
-from passes.plan import Block, Branch, Plan, Residual, Segment, Skipped
-from passes.residuals import find_residuals, make_branch
+from revcompile.passes.graph_view import GraphView, shape_key
+from revcompile.passes.patterns import NORM, RESIDUAL_ADD, STREAM_TRANSPARENT, is_layout_reshape
+from revcompile.passes.plan import Block, Branch, Plan, Residual, Segment, Skipped
+from revcompile.passes.residuals import find_residuals, make_branch
 
 __all__ = ["POST_NORM", "find_reversible_blocks"]
 

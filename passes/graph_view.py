@@ -13,9 +13,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from passes.patterns import SHAPE_QUERY
+from revcompile.passes.patterns import SHAPE_QUERY
 
-__all__ = ["GraphView", "shape_key", "is_tensor", "clean_module_path"]
+__all__ = ["GraphView", "shape_key", "is_tensor", "clean_module_path", "module_path", "tensor_bytes"]
 
 
 def shape_key(node) -> tuple[str, ...] | None:
@@ -42,6 +42,33 @@ def clean_module_path(path: str) -> str:
     """torch.export may spell paths as ``L['self'].layers[0].attn``; keep the dotted form."""
     path = path.replace("L['self'].", "").replace("L['self']", "")
     return path.replace("[", ".").replace("]", "").replace("'", "")
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module ``node`` was traced in ("" for the model's own code).
+
+    Module-level fx graphs and aten-level export graphs record this differently
+    (``call_module`` targets, ``nn_module_stack`` metadata); this is the one place that reads it.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return "" if path.startswith("_empty_nn_module_stack") else clean_module_path(path)
+    if node.op == "call_module":
+        return str(node.target)
+    return ""
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of a tensor (or of the tensors in a tuple/list), from its shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        try:
+            return int(value.numel()) * value.element_size()
+        except Exception:  # noqa: BLE001 -- symbolic sizes without a hint
+            return 0
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 class GraphView:
@@ -88,14 +115,10 @@ class GraphView:
         return sorted(nodes, key=self.order.__getitem__)
 
     def module_path(self, node: fx.Node) -> str:
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            return clean_module_path(list(stack.values())[-1][0])
-        if node.op == "call_module":
-            return str(node.target)
-        if node.op == "get_attr":
+        """``module_path``, with a parameter read attributed to the module that owns it."""
+        if node.op == "get_attr" and not node.meta.get("nn_module_stack"):
             return str(node.target).rsplit(".", 1)[0]
-        return ""
+        return module_path(node)
 
     def describe(self, users) -> str:
         """Readable names for nodes: the model output, or node name with its module."""

@@ -38,9 +38,9 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from passes.labels import module_path, segment_nodes, tensor_bytes
-from passes.plan import Plan
-from passes.rewrite import SegmentCall, SegmentProgram
+from revcompile.passes.graph_view import module_path, tensor_bytes
+from revcompile.passes.plan import Plan
+from revcompile.passes.rewrite import SegmentCall, SegmentProgram
 
 __all__ = ["LinearBytes", "PartMemory", "MemoryPrediction", "PredictionFailed", "predict_activation_memory"]
 
@@ -259,7 +259,7 @@ def _parts(original: fx.Graph, plan: Plan) -> tuple[dict[str, str], list[tuple[s
     rewritten graph the untouched nodes keep their names and ``reversible_segment_<i>``
     stands for segment ``i``.
     """
-    in_segment = segment_nodes(plan)
+    in_segment = plan.node_owners()
     segment_names = {s.index: f"segment {s.index}: {s.name}" for s in plan.segments}
     assignment: dict[str, str] = {}
     parts: list[tuple[str, str]] = []

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from passes.graph_view import shape_key
-from passes.patterns import (
+from revcompile.passes.graph_view import shape_key
+from revcompile.passes.patterns import (
     GUARD,
     RESIDUAL_ADD,
     SHAPE_QUERY,

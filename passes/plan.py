@@ -114,6 +114,15 @@ class Plan:
     def blocks(self) -> tuple[Block, ...]:
         return tuple(b for s in self.segments for b in s.blocks)
 
+    def node_owners(self) -> dict[str, int]:
+        """Traced-graph node name -> index of the segment whose blocks take it over."""
+        return {
+            name: segment.index
+            for segment in self.segments
+            for block in segment.blocks
+            for name in (*block.f.nodes, *block.g.nodes, *block.residuals)
+        }
+
     def signature(self) -> tuple:
         """Which parameters each converted block uses: equal plans compute the same function."""
         return tuple(tuple((b.f.parameters, b.g.parameters) for b in s.blocks) for s in self.segments)

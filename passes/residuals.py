@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from passes.graph_view import GraphView, is_tensor, shape_key
-from passes.patterns import (
+from revcompile.passes.graph_view import GraphView, is_tensor, shape_key
+from revcompile.passes.patterns import (
     ATTENTION,
     RESIDUAL_ADD,
     STATEFUL_MODULES,
@@ -35,7 +35,7 @@ from passes.patterns import (
     is_inplace,
     module_of,
 )
-from passes.plan import Branch, Residual, Skipped
+from revcompile.passes.plan import Branch, Residual, Skipped
 
 __all__ = ["ResidualSearch", "find_residuals"]
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from passes.graph_view import shape_key
-from passes.plan import Branch, Plan, Segment
+from revcompile.passes.graph_view import shape_key
+from revcompile.passes.plan import Branch, Plan, Segment
 
 __all__ = ["FUSIONS", "SegmentCall", "BranchProgram", "BlockProgram", "SegmentProgram", "RewriteResult", "rewrite_reversible"]
 

@@ -97,7 +97,7 @@ class _BlockAccess:
 
 
 def _block_accesses(segment) -> tuple[_BlockAccess, ...]:
-    """Blocks of a depth (anonymous), a ``passes.rewrite.SegmentProgram`` or a plan ``Segment``."""
+    """Blocks of a depth (anonymous), a ``revcompile.passes.rewrite.SegmentProgram`` or a plan ``Segment``."""
     if isinstance(segment, int):
         if segment < 1:
             raise ValueError(f"a segment has at least one block, got depth {segment}")

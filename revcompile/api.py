@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from passes.detect import POST_NORM
-from passes.plan import Plan
-from passes.rewrite import FUSIONS
-from passes.schedule import BackwardProgram
+from revcompile.passes.detect import POST_NORM
+from revcompile.passes.plan import Plan
+from revcompile.passes.rewrite import FUSIONS
+from revcompile.passes.schedule import BackwardProgram
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS

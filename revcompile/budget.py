@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from passes.memory import LinearBytes
+from revcompile.passes.memory import LinearBytes
 
 __all__ = [
     "ReportError",

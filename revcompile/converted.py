@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from passes.rewrite import SegmentCall
+from revcompile.passes.rewrite import SegmentCall
 from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, bind_call, training_defaults
 from revcompile.pipeline import CompiledVariant, compile_variant

@@ -1,6 +1,6 @@
 """Running a ``BackwardProgram``: an interpreter over an environment of named values.
 
-The program (``passes.schedule``) says which step runs when, on which stream, and which
+The program (``revcompile.passes.schedule``) says which step runs when, on which stream, and which
 steps it must wait for; the runtime supplies the math of each step (a dispatch table,
 ``ops[kind](block, branch, values, scratch)``). This module does the rest, the same way
 on every device:
@@ -29,7 +29,7 @@ import contextlib
 
 import torch
 
-from passes.schedule import BackwardProgram, Step
+from revcompile.passes.schedule import BackwardProgram, Step
 
 __all__ = ["BRANCHES", "StepValues", "InlineStreams", "CudaStreams", "stream_backend", "run_program"]
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, replace
 import torch.fx as fx
 from torch import nn
 
-from passes.detect import find_reversible_blocks
-from passes.normalize import normalize_graph
-from passes.plan import Plan
-from passes.rewrite import SegmentProgram, rewrite_reversible
+from revcompile.passes.detect import find_reversible_blocks
+from revcompile.passes.normalize import normalize_graph
+from revcompile.passes.plan import Plan
+from revcompile.passes.rewrite import SegmentProgram, rewrite_reversible
 from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, Trace, TraceFailed, trace_model
 

@@ -8,7 +8,7 @@ questions:
   storages, parameters excluded; exact on every device), the peak memory of the step above
   its start (CUDA: ``max_memory_allocated`` after resetting the peak; CPU: the live heap,
   never the resident-set size, see ``revcompile.measure``), and the step time.
-* **Predicted**: ``passes.memory`` interprets the traced and the rewritten graph on fake
+* **Predicted**: ``revcompile.passes.memory`` interprets the traced and the rewritten graph on fake
   tensors at two batch sizes *other than the measured one* and fits per-sample bytes for
   each part of the model. The report states how far that prediction is from the
   measurement, so the prediction is checked every time it is made.
@@ -28,13 +28,13 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from passes.memory import (
+from revcompile.passes.memory import (
     LinearBytes,
     MemoryPrediction,
     PredictionFailed,
     predict_activation_memory,
 )
-from passes.plan import Plan
+from revcompile.passes.plan import Plan
 from revcompile.budget import (
     DEFAULT_RESERVE,
     BatchCapacity,
@@ -235,7 +235,7 @@ def _at_batch(values: list, batch: int, new_batch: int) -> list:
 
 
 def predict(converted: nn.Module, args: tuple, kwargs: dict, avoid_batch: int) -> MemoryPrediction:
-    """``passes.memory`` on the first compiled variant, fitted at batches other than ``avoid_batch``."""
+    """``revcompile.passes.memory`` on the first compiled variant, fitted at batches other than ``avoid_batch``."""
     compiled = converted.reversible_variants[0].compiled
     inputs = _graph_inputs(converted, compiled, args, kwargs)
 

@@ -6,7 +6,7 @@ runs in one of the ``BACKWARD_MODES``:
 
 * ``"reversible"``: one ``torch.autograd.Function`` for the whole segment. Its forward
   runs the blocks without recording a graph and saves only the final ``(Y1, Y2)`` and the
-  side inputs. Its backward runs the segment's ``BackwardProgram`` (``passes.schedule``)
+  side inputs. Its backward runs the segment's ``BackwardProgram`` (``revcompile.passes.schedule``)
   with one stream: for each block, last first, it recomputes ``G(Y1)`` with a graph and
   pushes ``dY2`` through it, reconstructs ``X2 = Y2 - G(Y1)``, recomputes ``F(X2)`` and
   pushes ``dY1`` through it, reconstructs ``X1 = Y1 - F(X2)``: one branch graph alive at a
@@ -42,8 +42,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from passes.rewrite import BranchProgram, SegmentProgram
-from passes.schedule import (
+from revcompile.passes.rewrite import BranchProgram, SegmentProgram
+from revcompile.passes.schedule import (
     GRAD,
     RECOMPUTE,
     BackwardProgram,
@@ -380,7 +380,7 @@ class _StepMath:
     """What ``recompute i`` and ``grad i`` compute, one branch at a time (G, then F).
 
     The executor decides where and when each runs; values come and go through the
-    program's environment under the names ``passes.schedule`` gives them.
+    program's environment under the names ``revcompile.passes.schedule`` gives them.
     """
 
     def __init__(self, segment: "ReversibleSegment", side: tuple, params, rng_log, devices, side_leaves, arithmetic, stored):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from passes.detect import find_reversible_blocks
-from passes.normalize import normalize_graph
+from revcompile.passes.detect import find_reversible_blocks
+from revcompile.passes.normalize import normalize_graph
 from revcompile.frontend import _propagate_fake
 from tests import blocks as B
 

@@ -1,4 +1,4 @@
-"""The drawing pass: what a figure shows (passes.draw) and how it is laid out (passes.render)."""
+"""The drawing pass: what a figure shows (revcompile.show.graph_figure) and how it is laid out (revcompile.show.render)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import revcompile
-from passes.draw import figure_of_original, figure_of_rewritten
-from passes.figure import Box, Cluster
-from passes.render import to_dot, to_svg
+from revcompile.show.graph_figure import figure_of_original, figure_of_rewritten
+from revcompile.show.figure import Box, Cluster
+from revcompile.show.render import to_dot, to_svg
 from revcompile.reference import Block, example_inputs, reference_vit
 
 SVG = "{http://www.w3.org/2000/svg}"

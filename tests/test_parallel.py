@@ -17,7 +17,7 @@ import torch
 
 import revcompile
 import revcompile.runtime as runtime
-from passes.schedule import (
+from revcompile.passes.schedule import (
     GRAD,
     RECOMPUTE,
     check_program,

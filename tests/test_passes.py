@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.fx as fx
 
-from passes.detect import find_reversible_blocks
-from passes.normalize import normalize_graph
-from passes.patterns import SHAPE_QUERY
-from passes.rewrite import FUSIONS, SegmentCall, rewrite_reversible
+from revcompile.passes.detect import find_reversible_blocks
+from revcompile.passes.normalize import normalize_graph
+from revcompile.passes.patterns import SHAPE_QUERY
+from revcompile.passes.rewrite import FUSIONS, SegmentCall, rewrite_reversible
 from revcompile.frontend import _propagate_fake
 from tests import blocks as B
 
@@ -134,7 +134,7 @@ def test_segment_marker_cannot_run_unbound():
 
 
 def test_add_patterns_cover_both_dialects():
-    from passes.patterns import RESIDUAL_ADD
+    from revcompile.passes.patterns import RESIDUAL_ADD
 
     graph = fx.Graph()
     a, b = graph.placeholder("a"), graph.placeholder("b")

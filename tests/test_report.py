@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import revcompile
-from passes.memory import LinearBytes
+from revcompile.passes.memory import LinearBytes
 from revcompile.measure import saved_for_backward
 from revcompile.reference import example_inputs, reference_vit
 from revcompile.report import (

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import revcompile
-from passes.schedule import (
+from revcompile.passes.schedule import (
     GRAD,
     RECOMPUTE,
     Independence,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
-from passes.figure import Box, Cluster, Edge, Figure
+from revcompile.show.figure import Box, Cluster, Edge, Figure
 
 __all__ = ["to_svg", "to_dot", "STYLES"]
 

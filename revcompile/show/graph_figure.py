@@ -3,7 +3,7 @@
 A user asking "which parts of my model became reversible?" needs the answer in the model's
 own terms, at a size they can read. This pass turns a graph into a ``Figure``: boxes,
 clusters and edges, decided from the graph and the plan, with no geometry yet
-(``passes.render`` lays it out and writes SVG or DOT; the CLI also prints it as a tree).
+(``revcompile.show.render`` lays it out and writes SVG or DOT; the CLI also prints it as a tree).
 
 * Each reversible segment is a cluster. Collapsed (the default), each block is one box
   naming its F and G branches by the original module names, and consecutive blocks are
@@ -26,10 +26,10 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from passes.figure import Box, Cluster, Edge, Figure, Item
-from passes.labels import block_adds, module_path, short_target
-from passes.plan import Plan
-from passes.rewrite import SegmentCall, SegmentProgram
+from revcompile.show.figure import Box, Cluster, Edge, Figure, Item
+from revcompile.passes.graph_view import module_path
+from revcompile.passes.plan import Plan
+from revcompile.passes.rewrite import SegmentCall, SegmentProgram
 
 __all__ = ["figure_of_rewritten", "figure_of_original"]
 
@@ -38,6 +38,18 @@ KEEP_AT_ENDS = 3
 
 
 # --- describing values and modules --------------------------------------------------------------
+
+
+def short_target(node: fx.Node) -> str:
+    """The operation a node performs, briefly: ``linear``, ``softmax``, ``view``."""
+    if node.op == "call_module":
+        return str(node.target).rsplit(".", 1)[-1]
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        name = (getattr(node.target, "__name__", None) or str(node.target)).split(".")[0]  # aten: "linear.default"
+        return {"add": "+", "mul": "*", "sub": "-", "truediv": "/", "getitem": "[]"}.get(name, name)
+    return node.op
 
 
 def _dim(d) -> str:
@@ -340,7 +352,7 @@ def figure_of_original(graph: fx.Graph, plan: Plan, *, expand: bool = False, tit
     owner: dict[str, tuple[int, int]] = {}
     for segment in plan.segments:
         for b, block in enumerate(segment.blocks):
-            for name in (*block.f.nodes, *block.g.nodes, *block_adds(block)):
+            for name in (*block.f.nodes, *block.g.nodes, *block.residuals):
                 owner[name] = (segment.index, b)
     is_block = lambda n: n.name in owner  # noqa: E731
     transitions = _transitions(nodes, is_block) - set(owner)

@@ -1,7 +1,7 @@
 """Seeing what the compiler did: the rewritten graph as SVG, DOT or HTML, or the plan as a tree.
 
-The figure itself is decided at compile time (``passes.draw``) and laid out without any
-system dependency (``passes.render``); this module picks the compiled variant of a
+The figure itself is decided at compile time (``revcompile.show.graph_figure``) and laid out without any
+system dependency (``revcompile.show.render``); this module picks the compiled variant of a
 converted model, writes the file the user asked for, and builds the terminal tree.
 """
 
@@ -14,9 +14,9 @@ from rich.text import Text
 from rich.tree import Tree
 from torch import nn
 
-from passes.draw import figure_of_original, figure_of_rewritten
-from passes.figure import Box, Figure
-from passes.render import to_dot, to_svg
+from revcompile.show.graph_figure import figure_of_original, figure_of_rewritten
+from revcompile.show.figure import Box, Figure
+from revcompile.show.render import to_dot, to_svg
 
 __all__ = ["FORMATS", "figures", "draw", "plan_tree"]
 

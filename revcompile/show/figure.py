@@ -1,6 +1,6 @@
 """A figure of a graph, before any geometry: boxes, clusters of boxes, and edges between boxes.
 
-``passes.draw`` decides what a figure shows; ``passes.render`` lays it out and writes SVG
+``revcompile.show.graph_figure`` decides what a figure shows; ``revcompile.show.render`` lays it out and writes SVG
 or DOT; the CLI prints it as a tree. Keeping the figure a plain value between them means
 each reader sees the same content, and tests can check what is shown without parsing
 pictures.
