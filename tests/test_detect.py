@@ -14,8 +14,7 @@ from tests import blocks as B
 def plan_of(model, *inputs, post_norm="skip"):
     gm = fx.symbolic_trace(model)
     _propagate_fake(gm, list(inputs))
-    normalize_graph(gm)
-    return find_reversible_blocks(gm, post_norm=post_norm)
+    return find_reversible_blocks(normalize_graph(gm).graph_module, post_norm=post_norm)
 
 
 def test_pre_norm_blocks_chain_into_one_segment():

@@ -42,8 +42,8 @@ def _traced(model, *inputs):
 def test_normalize_removes_guards_and_redirects_shape_queries():
     x = B.tokens()
     model = ShapeReadingStack()
-    gm = _traced(model, x)
-    result = normalize_graph(gm)
+    result = normalize_graph(_traced(model, x))
+    gm = result.graph_module
     assert result.guards_removed == 3
     assert result.shape_queries_redirected >= 2
     queried = {n.args[0].name for n in gm.graph.nodes if SHAPE_QUERY.matches(n)}
@@ -60,15 +60,13 @@ def test_normalize_keeps_effects_that_look_dead():
             y.div_(4)  # unused result, but it changes y
             return y + 1
 
-    gm = _traced(Scaled(), B.tokens())
-    normalize_graph(gm)
+    gm = normalize_graph(_traced(Scaled(), B.tokens())).graph_module
     x = B.tokens()
     torch.testing.assert_close(gm(x), x * 2 / 4 + 1)
 
 
 def _rewritten(model, x, fusion="mean"):
-    gm = _traced(model, x)
-    normalize_graph(gm)
+    gm = normalize_graph(_traced(model, x)).graph_module
     plan = find_reversible_blocks(gm)
     return gm, plan, rewrite_reversible(gm, plan, fusion)
 
