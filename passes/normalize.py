@@ -196,6 +196,7 @@ def _out_of_place_adds(graph: fx.Graph, root) -> int:
             continue
         if any(order(u) < order(node) for u in target.users if u is not node):
             continue  # read before the write: not a private temporary
+        later_readers = [u for u in target.users if u is not node]
         key = node.target if node.op == "call_function" else str(node.target)
         with graph.inserting_before(node):
             if node.op == "call_method":
@@ -203,7 +204,7 @@ def _out_of_place_adds(graph: fx.Graph, root) -> int:
             else:
                 summed = graph.call_function(OUT_OF_PLACE[key], node.args, dict(node.kwargs))
         summed.meta = dict(node.meta)
-        for user in [u for u in target.users if u is not node]:
+        for user in later_readers:
             user.replace_input_with(target, summed)
         node.replace_all_uses_with(summed)
         graph.erase_node(node)

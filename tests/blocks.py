@@ -166,7 +166,18 @@ class InplaceParallelBlock(nn.Module):
         h = self.norm(x)
         attn_out = self.attn(h)
         mlp_out = self.mlp(h)
-        mlp_out += attn_out
+        mlp_out += attn_out  # fx records `+` (a Proxy has no `+=`); torch.export records aten.add_
+        return x + mlp_out
+
+
+class InplaceMethodParallelBlock(InplaceParallelBlock):
+    """The same with the method spelling, which fx records as an in-place ``add_``."""
+
+    def forward(self, x):
+        h = self.norm(x)
+        attn_out = self.attn(h)
+        mlp_out = self.mlp(h)
+        mlp_out.add_(attn_out)
         return x + mlp_out
 
 
