@@ -123,7 +123,6 @@ def compile_variant(
     call: CallSignature,
     *,
     tracer: str,
-    fusion: str,
     training: bool,
     post_norm: str = "skip",
     require_blocks: bool = True,
@@ -172,7 +171,7 @@ def compile_variant(
     constants, plain = _lift_constants(trace.graph_module, model)
     traced_graph = fx.Graph()
     traced_graph.output(traced_graph.graph_copy(trace.graph_module.graph, {}))
-    result = rewrite_reversible(trace.graph_module, plan, fusion)
+    result = rewrite_reversible(trace.graph_module, plan)
     return CompiledVariant(
         tracer=trace.tracer,
         plan=plan,
