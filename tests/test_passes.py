@@ -168,7 +168,7 @@ def test_in_place_sum_into_a_temporary_becomes_the_out_of_place_parallel_form():
     assert result.inplace_adds_made_out_of_place == 2
     torch.testing.assert_close(result.graph_module(x), model(x), rtol=0, atol=0)
     plan = find_reversible_blocks(result.graph_module)
-    assert [b.coupling for b in plan.blocks] == ["parallel", "parallel"] and plan.skipped == ()
+    assert [b.form for b in plan.blocks] == ["parallel", "parallel"] and plan.skipped == ()
 
 
 def test_in_place_add_into_a_value_read_before_is_left_alone():
@@ -207,5 +207,5 @@ def test_parallel_block_summed_in_place_converts_with_exact_gradients(tracer, bl
     x = B.tokens(dtype=torch.float64)
     converted = revcompile.convert(model, x, tracer=tracer)
     plan = revcompile.explain(converted)
-    assert [b.coupling for b in plan.blocks] == ["parallel", "parallel"] and len(plan.segments) == 1, str(plan)
+    assert [b.form for b in plan.blocks] == ["parallel", "parallel"] and len(plan.segments) == 1, str(plan)
     assert_gradients_match(converted, (x,), tol=1e-10)
