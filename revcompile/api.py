@@ -10,6 +10,7 @@ from revcompile.passes.detect import POST_NORM
 from revcompile.passes.plan import Plan
 from revcompile.passes.couplings import STREAM_PRECISIONS, Coupling, DualResidual, make_coupling
 from revcompile.passes.schedule import BackwardProgram
+from revcompile.conversion_check import check_conversion as check_converted_model
 from revcompile.converted import ReversibleModel
 from revcompile.distance import function_distance
 from revcompile.errors import ConversionError
@@ -42,6 +43,7 @@ def convert(
     post_norm: str = "skip",
     streams: str = "exact",
     check_reconstruction: bool = False,
+    check_conversion: bool = True,
 ) -> ReversibleModel:
     """Rewrite the residual attention/MLP chains of ``model`` into reversible segments.
 
@@ -69,7 +71,12 @@ def convert(
     ``check_reconstruction``: a debug mode that keeps every block's inputs, compares the
     reconstructed ones with them in backward (``reconstruction_report``) and raises on a
     non-finite reconstruction. It stores activations: do not train with it.
-    Raises ``ConversionError`` when tracing fails or nothing is convertible.
+    ``check_conversion`` (default on): run the converted model once on the example call,
+    forward and backward, before returning it; a block whose reconstructed inputs differ
+    from the forward's is left as it is (``explain`` says why), and a model that fails to
+    run raises ``ConversionError`` (``revcompile.conversion_check``). It costs about one
+    training step on the example inputs; ``False`` skips it.
+    Raises ``ConversionError`` when tracing fails, nothing is convertible, or the check fails.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
@@ -93,6 +100,8 @@ def convert(
         raise ConversionError(
             f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
         ) from None
+    if check_conversion:
+        check_converted_model(converted, args, dict(example_kwargs or {}))
     if isinstance(chosen, DualResidual):  # a pretrained model's user needs this before fine-tuning
         converted.__dict__["_rc_distance"] = function_distance(model, converted, args, dict(example_kwargs or {}))
     return converted
