@@ -11,6 +11,7 @@ from revcompile.passes.schedule import BackwardProgram
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS
+from revcompile.sketch import SketchConfig
 from revcompile.runtime import BACKWARD_MODES, STREAM_PRECISIONS, ReconstructionDrift
 
 __all__ = [
@@ -34,6 +35,7 @@ def convert(
     post_norm: str = "skip",
     streams: str = "exact",
     check_reconstruction: bool = False,
+    sketch_linears=None,
 ) -> ReversibleModel:
     """Rewrite the residual attention/MLP chains of ``model`` into reversible segments.
 
@@ -55,6 +57,11 @@ def convert(
     ``check_reconstruction``: a debug mode that keeps every block's inputs, compares the
     reconstructed ones with them in backward (``reconstruction_report``) and raises on a
     non-finite reconstruction. It stores activations: do not train with it.
+    ``sketch_linears``: opt-in approximate weight gradients (off by default). A fraction in
+    (0, 1] keeps that fraction of a random sketch of each linear layer's input instead of
+    the input; a ``revcompile.SketchConfig`` also chooses the layers (names, a predicate,
+    ``"all"``; default: those outside reversible segments), the estimator and the seed.
+    Input and bias gradients stay exact; see docs/sketch.md.
     Raises ``ConversionError`` when tracing fails or nothing is convertible.
     """
     if not isinstance(model, nn.Module):
@@ -69,9 +76,11 @@ def convert(
         raise ValueError(f"post_norm must be one of {sorted(POST_NORM)}, got {post_norm!r}")
     if streams not in STREAM_PRECISIONS:
         raise ValueError(f"streams must be one of {sorted(STREAM_PRECISIONS)}, got {streams!r}")
+    sketch_linears = SketchConfig.of(sketch_linears)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     converted = ReversibleModel(
-        model, tracer=tracer, fusion=fusion, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction
+        model, tracer=tracer, fusion=fusion, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction,
+        sketch_linears=sketch_linears,
     )
     try:
         converted.compile_for(args, dict(example_kwargs or {}))

@@ -93,6 +93,7 @@ class ReversibleModel(nn.Module):
         post_norm: str = "skip",
         streams: str = "exact",
         check_reconstruction: bool = False,
+        sketch_linears=None,
     ):
         super().__init__()
         self._modules.update(original._modules)
@@ -105,6 +106,7 @@ class ReversibleModel(nn.Module):
         state["_rc_tracer"] = tracer
         state["_rc_fusion"] = fusion
         state["_rc_post_norm"] = post_norm
+        state["_rc_sketch"] = sketch_linears
         state["_rc_settings"] = RuntimeSettings(streams=streams, check_reconstruction=check_reconstruction)
         state["_rc_variants"] = {}
         state["_rc_plan"] = None  # the first variant's plan: every later variant must match it
@@ -133,6 +135,7 @@ class ReversibleModel(nn.Module):
         compiled = compile_variant(
             self._rc_original, call, tracer=self._rc_tracer_used or self._rc_tracer, fusion=self._rc_fusion,
             training=self.training, post_norm=self._rc_post_norm, require_blocks=expected is None,
+            sketch_linears=self._rc_sketch,
         )
         if expected is not None and compiled.plan.signature() != expected.signature():
             raise ConversionError(
