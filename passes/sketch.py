@@ -192,6 +192,7 @@ def sketch_linears(gm: fx.GraphModule, choose: Callable[[LinearSite], bool], mak
         call.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")}
         call.meta["revcompile_sketched"] = site.layer
         node.replace_all_uses_with(call)
+        mapping[old] = call
         dead = list(node.all_input_nodes)
         graph.erase_node(node)
         while dead:  # a transpose of the weight, and its get_attr, that only fed this op

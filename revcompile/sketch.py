@@ -66,9 +66,8 @@ __all__ = [
     "Sketch",
     "draw_sketch",
     "exact_linears",
-    "record_linear_operands",
-    "sketch_variance",
-    "LayerVariance",
+    "row_probabilities",
+    "seed_for",
     "sketched_layers",
     "sketched_parameters",
     "sketch_compiled",
@@ -143,13 +142,7 @@ def exact_linears(recorder: dict | None = None):
         _EXACT.depth, _EXACT.recorder = previous
 
 
-def record_linear_operands() -> tuple[dict, contextlib.AbstractContextManager]:
-    """``operands, context = record_linear_operands()``: ``with context:`` a step fills ``operands``."""
-    operands: dict = {}
-    return operands, exact_linears(operands)
-
-
-def _seed_for(base: int, layer: str, count: int) -> int:
+def seed_for(base: int, layer: str, count: int) -> int:
     digest = hashlib.blake2b(f"{base}|{layer}|{count}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -281,92 +274,9 @@ class SketchedLinear:
                 x2d = x.detach().reshape(-1, x.shape[-1])
                 y.register_hook(lambda dy: recorder.__setitem__(self.layer, (x2d, dy.detach().reshape(-1, dy.shape[-1]))))
             return y
-        seed = _seed_for(self.seed, self.layer, self.draws)
+        seed = seed_for(self.seed, self.layer, self.draws)
         self.draws += 1
         return _SketchedLinearFunction.apply(x, weight, bias, self.estimator, self.keep, seed, self.weight_in_out)
-
-
-# --- variance ---------------------------------------------------------------------------------------
-
-
-def _inner(xa, ya, xb, yb) -> torch.Tensor:
-    """``<xaᵀ ya, xbᵀ yb>_F`` without forming the ``d_in x d_out`` products."""
-    return ((xa @ xb.t()) * (ya @ yb.t())).sum()
-
-
-def sample_gram(x2d: torch.Tensor, dy2d: torch.Tensor, samples: int, chunk: int = 1024) -> torch.Tensor:
-    """``M[b, c] = <g_b, g_c>`` for the per-sample weight gradients ``g_b = x_bᵀ dy_b`` (rows in ``samples`` equal groups)."""
-    n = x2d.shape[0]
-    group = torch.arange(n, device=x2d.device) // (n // samples)
-    onehot = F.one_hot(group, samples).double()
-    gram = torch.zeros(samples, samples, dtype=torch.float64)
-    for start in range(0, n, chunk):
-        xs, ys = x2d[start : start + chunk], dy2d[start : start + chunk]
-        block = (xs @ x2d.t()) * (ys @ dy2d.t())
-        gram += onehot[start : start + chunk].t() @ block @ onehot
-    return gram
-
-
-def expected_sketch_error(x2d, dy2d, estimator: str, keep: float, exact_norm2: float) -> float:
-    """``E ||Ĝ - G||_F²`` in closed form (``G = dyᵀ x``) for one draw at ``keep``."""
-    k = max(1, math.ceil(keep * x2d.shape[0]))
-    xr, yr = x2d.pow(2).sum(1), dy2d.pow(2).sum(1)  # squared row norms
-    if estimator == "gaussian":
-        return float(xr.sum() * yr.sum() + exact_norm2) / k
-    if estimator == "rademacher":
-        return float(xr.sum() * yr.sum() + exact_norm2 - 2 * (xr * yr).sum()) / k
-    p = row_probabilities(x2d)
-    kept = p > 0
-    return float((xr[kept] * yr[kept] / p[kept]).sum() - exact_norm2) / k
-
-
-@dataclass(frozen=True)
-class LayerVariance:
-    """A sketched layer's weight-gradient noise on one batch, relative to ``||G||²``.
-
-    ``sketch_*``: ``E||Ĝ - G||² / ||G||²`` (``formula``: closed form; ``measured``: over
-    ``draws`` sketches). ``batch``: the batch-sampling variance of the same gradient,
-    ``tr Cov(minibatch gradient) / ||G||²``, estimated from the per-sample gradients of this
-    batch (the seed paper's comparison). ``ratio = sketch_measured / batch``.
-    """
-
-    layer: str
-    keep: float
-    estimator: str
-    sketch_formula: float
-    sketch_measured: float
-    batch: float | None
-    draws: int
-    saved_bytes_exact: int
-    saved_bytes_sketched: int
-
-    @property
-    def ratio(self) -> float | None:
-        return self.sketch_measured / self.batch if self.batch else None
-
-
-def sketch_variance(layer: str, x2d, dy2d, estimator: str, keep: float, samples: int, draws: int = 32, seed: int = 0) -> LayerVariance:
-    """Measure one layer's sketch variance against its batch-sampling variance (float64)."""
-    x2d, dy2d = x2d.double(), dy2d.double()
-    exact2 = float(_inner(x2d, dy2d, x2d, dy2d))
-    errors = []
-    for draw in range(draws):
-        sketch = draw_sketch(estimator, x2d, keep, _seed_for(seed, layer, draw))
-        sx, sy = sketch.apply(x2d), sketch.apply(dy2d)
-        errors.append(float(_inner(sx, sy, sx, sy) - 2 * _inner(sx, sy, x2d, dy2d)) + exact2)
-    batch = None
-    if samples >= 2 and x2d.shape[0] % samples == 0:
-        gram = sample_gram(x2d, dy2d, samples)
-        batch = float(samples / (samples - 1) * (gram.trace() - gram.sum() / samples)) / exact2
-    rows = max(1, math.ceil(keep * x2d.shape[0]))
-    return LayerVariance(
-        layer, keep, estimator,
-        sketch_formula=expected_sketch_error(x2d, dy2d, estimator, keep, exact2) / exact2,
-        sketch_measured=sum(errors) / len(errors) / exact2,
-        batch=batch, draws=draws,
-        saved_bytes_exact=x2d.shape[0] * x2d.shape[1] * 4,
-        saved_bytes_sketched=rows * x2d.shape[1] * 4 + (rows * 12 if estimator == "rows" else 0),
-    )
 
 
 # --- wiring into a conversion -----------------------------------------------------------------------
