@@ -318,3 +318,27 @@ def test_batch_variance_is_that_of_per_sample_gradients():
     expected = 4 * per_sample.var(0).sum() / (exact**2).sum()  # Var(sum of 4 iid) = 4 Var(one)
     got = sketch_variance("layer", x, dy, "gaussian", 0.5, samples=4, draws=2).batch
     assert got == pytest.approx(float(expected), rel=1e-10)
+
+
+@pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
+def test_under_autocast_the_sketch_runs_in_the_compute_dtype(estimator):
+    """bf16 autocast: the forward is autocast's, S x is kept in bf16, gradients come back in the parameters' dtype."""
+    from revcompile.sketch import exact_linears
+
+    x = torch.randn(4, 50, 32, requires_grad=True)
+    weight, bias = nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.randn(16))
+    op = SketchedLinear("layer", 0.5, estimator, seed=0)
+    results = []
+    for exact in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16), (exact_linears() if exact else contextlib.nullcontext()):
+            y, saved = saved_for_backward(lambda: op(x, weight, bias), [weight, bias])
+        results.append((y, saved, torch.autograd.grad(y.float().pow(2).sum(), (x, weight, bias))))
+    (y_ref, _, (dx_ref, _, db_ref)), (y, saved, (dx, dw, db)) = results
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    assert (dx.dtype, dw.dtype, db.dtype) == (torch.float32,) * 3 and torch.isfinite(dw).all()
+    assert relative_error(dx, dx_ref) < 1e-2 and relative_error(db, db_ref) < 1e-2
+    assert saved.bytes == 100 * 32 * 2 + (100 * 12 if estimator == "rows" else 0)  # S x in bf16
+
+
+def relative_error(got, ref) -> float:
+    return float((got.double() - ref.double()).norm() / ref.double().norm())
