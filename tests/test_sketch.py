@@ -342,3 +342,15 @@ def test_under_autocast_the_sketch_runs_in_the_compute_dtype(estimator):
 
 def relative_error(got, ref) -> float:
     return float((got.double() - ref.double()).norm() / ref.double().norm())
+
+
+def test_cli_report_shows_the_sketched_layers(capsys):
+    from revcompile.cli import main
+
+    argv = ["report", "--config", "depth=2", "--config", "dim=32", "--config", "heads=2", "--batch-size", "2"]
+    assert main([*argv, "--sketch-linears", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "Sketched linear layers: weight gradients are APPROXIMATE (1 layers)" in out
+    assert "head" in out and "measured saved for backward" in out
+    assert main(argv) == 0
+    assert "Sketched linear layers" not in capsys.readouterr().out
