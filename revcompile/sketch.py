@@ -254,9 +254,10 @@ class SketchedLinear:
     graph is recorded, and when the weight needs no gradient.
     """
 
-    def __init__(self, layer: str, keep: float, estimator: str, seed: int, weight_in_out: bool = False):
+    def __init__(self, layer: str, keep: float, estimator: str, seed: int, weight_in_out: bool = False, weight: str = ""):
         self.layer, self.keep, self.estimator, self.seed = layer, keep, estimator, seed
         self.weight_in_out = weight_in_out
+        self.weight = weight  # qualified name of the weight parameter in the model
         self.draws = 0
 
     @property
@@ -327,9 +328,8 @@ def _sketch_graph(gm: fx.GraphModule, choose, config: SketchConfig):
     from revcompile.passes.sketch import sketch_linears
 
     def make_op(site) -> SketchedLinear:
-        op = SketchedLinear(site.layer, config.keep_for(site.layer), config.estimator, config.seed, site.weight_in_out)
-        op.weight = site.weight
-        return op
+        keep = config.keep_for(site.layer)
+        return SketchedLinear(site.layer, keep, config.estimator, config.seed, site.weight_in_out, site.weight)
 
     result = sketch_linears(gm, lambda site: choose(site.layer), make_op)
     ops = tuple(n.target for n in result.graph_module.graph.nodes if isinstance(n.target, SketchedLinear))
