@@ -15,6 +15,7 @@ from revcompile.converted import ReversibleModel
 from revcompile.distance import function_distance
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS
+from revcompile.sketch import SketchConfig
 from revcompile.runtime import BACKWARD_MODES, ReconstructionDrift
 
 __all__ = [
@@ -44,6 +45,7 @@ def convert(
     streams: str = "exact",
     check_reconstruction: bool = False,
     check_conversion: bool = True,
+    sketch_linears=None,
 ) -> ReversibleModel:
     """Rewrite the residual attention/MLP chains of ``model`` into reversible segments.
 
@@ -76,6 +78,11 @@ def convert(
     from the forward's is left as it is (``explain`` says why), and a model that fails to
     run raises ``ConversionError`` (``revcompile.conversion_check``). It costs about one
     training step on the example inputs; ``False`` skips it.
+    ``sketch_linears``: opt-in approximate weight gradients (off by default). A fraction in
+    (0, 1] keeps that fraction of a random sketch of each linear layer's input instead of
+    the input; a ``revcompile.SketchConfig`` also chooses the layers (names, a predicate,
+    ``"all"``; default: those outside reversible segments), the estimator and the seed.
+    Input and bias gradients stay exact; see docs/sketch.md.
     Raises ``ConversionError`` when tracing fails, nothing is convertible, or the check fails.
     """
     if not isinstance(model, nn.Module):
@@ -90,9 +97,11 @@ def convert(
     if streams not in STREAM_PRECISIONS:
         raise ValueError(f"streams must be one of {sorted(STREAM_PRECISIONS)}, got {streams!r}")
     chosen.check(streams)
+    sketch_linears = SketchConfig.of(sketch_linears)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     converted = ReversibleModel(
-        model, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction
+        model, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction,
+        sketch_linears=sketch_linears,
     )
     try:
         converted.compile_for(args, dict(example_kwargs or {}))

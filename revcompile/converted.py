@@ -115,6 +115,7 @@ class ReversibleModel(nn.Module):
         post_norm: str = "skip",
         streams: str = "exact",
         check_reconstruction: bool = False,
+        sketch_linears=None,
     ):
         super().__init__()
         self._modules.update(original._modules)
@@ -126,6 +127,7 @@ class ReversibleModel(nn.Module):
         state["_rc_original"] = original
         state["_rc_tracer"] = tracer
         state["_rc_post_norm"] = post_norm
+        state["_rc_sketch"] = sketch_linears
         state["_rc_settings"] = RuntimeSettings(
             streams=streams, coupling=coupling, check_reconstruction=check_reconstruction
         )
@@ -158,6 +160,7 @@ class ReversibleModel(nn.Module):
             self._rc_original, call, tracer=self._rc_tracer_used or self._rc_tracer,
             training=self.training, post_norm=self._rc_post_norm, require_blocks=expected is None,
             excluded=self._rc_excluded,
+            sketch_linears=self._rc_sketch,
         )
         if expected is not None and compiled.plan.signature() != expected.signature():
             raise ConversionError(

@@ -6,6 +6,7 @@
                 ──find_reversible_blocks───> Plan (segments, skipped residuals + reasons)
                 ──rewrite_reversible───────> graph with reversible_segment_<i> calls
                                               + one SegmentProgram per segment
+                ──sketch_linears (opt-in)──> chosen linears call sketched_linear (docs/sketch.md)
 
 The result, a ``CompiledVariant``, holds no reference to the model: it is bound to one
 (``revcompile.converted``) to run.
@@ -25,6 +26,7 @@ from revcompile.passes.plan import Plan
 from revcompile.passes.rewrite import SegmentProgram, rewrite_reversible
 from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, Trace, TraceFailed, trace_model
+from revcompile.sketch import sketch_compiled
 
 __all__ = ["CompiledVariant", "compile_variant", "ORIGINAL_ATTRIBUTES"]
 
@@ -45,6 +47,7 @@ class CompiledVariant:
     guard: object | None  # export: raises when a call's inputs don't fit the trace
     constants: dict = field(default_factory=dict)  # attribute name -> tensor made during tracing
     original_attributes: tuple[str, ...] = ()  # plain attributes of the model the graph reads
+    sketched: tuple = ()  # revcompile.sketch.SketchedLinear ops (convert(..., sketch_linears=))
 
 
 def _resolves(model: nn.Module, target: str) -> bool:
@@ -127,6 +130,7 @@ def compile_variant(
     post_norm: str = "skip",
     require_blocks: bool = True,
     excluded: dict | None = None,
+    sketch_linears=None,
 ) -> CompiledVariant:
     """Compile ``model`` for one call. ``tracer='auto'`` tries fx, then torch.export.
 
@@ -172,14 +176,16 @@ def compile_variant(
     traced_graph = fx.Graph()
     traced_graph.output(traced_graph.graph_copy(trace.graph_module.graph, {}))
     result = rewrite_reversible(trace.graph_module, plan)
+    graph_module, segments, sketched = sketch_compiled(result.graph_module, result.segments, model, sketch_linears)
     return CompiledVariant(
         tracer=trace.tracer,
         plan=plan,
-        graph=result.graph_module.graph,
+        graph=graph_module.graph,
         traced_graph=traced_graph,
-        segments=result.segments,
+        segments=segments,
         input_names=trace.input_names,
         guard=trace.guard,
         constants=constants,
         original_attributes=plain,
+        sketched=sketched,
     )
