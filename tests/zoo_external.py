@@ -52,6 +52,7 @@ class Family:
     # number of gradients (parameters and inputs) compared with a non-zero reference
     check: Callable | None = None
     known_failure: str | None = None  # an xfail(strict=True) reason: a converter fix in progress
+    note: str = ""  # why it is partial or refused, for docs/zoo.md
 
 
 def _images(size=32):
@@ -235,34 +236,57 @@ PLAIN_TENSOR_FIX = (
 EXTERNAL: dict[str, Family] = {
     "vitp-vit-1": Family("vit_pytorch", lambda: vitp_vit(1), Converts(1)),
     "vitp-vit-3": Family("vit_pytorch", lambda: vitp_vit(3), Converts(1), slow=True),
-    "vitp-simple-vit": Family("vit_pytorch", vitp_simple_vit, Converts(1), known_failure=PLAIN_TENSOR_FIX),
+    "vitp-simple-vit": Family(
+        "vit_pytorch", vitp_simple_vit, Converts(1), known_failure=PLAIN_TENSOR_FIX, note="its positions are a plain tensor attribute"
+    ),
     "vitp-deepvit": Family("vit_pytorch", vitp_deepvit, Converts(1)),
     "vitp-cait": Family("vit_pytorch", lambda: vitp_cait(1), Converts(2), slow=True),  # patch blocks, class-attention blocks
-    # LayerDrop decides in Python, from a random tensor, which layers run: data-dependent control flow
-    "vitp-cait-layerdrop": Family("vit_pytorch", lambda: vitp_cait(2, 0.1), Refused(r"could not trace CaiT.*data-dependent")),
+    "vitp-cait-layerdrop": Family(
+        "vit_pytorch", lambda: vitp_cait(2, 0.1), Refused(r"could not trace CaiT.*data-dependent"),
+        note="LayerDrop (layer_dropout > 0) decides in Python, from a random tensor, which layers run: "
+        "data-dependent control flow neither tracer captures. With layer_dropout=0 (vitp-cait) it converts.",
+    ),
     "xt-decoder-1": Family("x_transformers", lambda: xt_decoder(1), Converts(1)),
     "xt-decoder-3": Family("x_transformers", lambda: xt_decoder(3), Converts(1), slow=True),
     "xt-sandwich-glu": Family("x_transformers", xt_sandwich_norm_encoder, Converts(1)),
-    # The later layers reuse a value the first attention branch computed (rotary frequencies
-    # inside an autocast-disabled region that export captures as one node with the query;
-    # the ALiBi bias from the key's length): it depends on that branch, so they stay autograd.
-    "xt-rotary": Family("x_transformers", xt_rotary, Partial(1, 1, "a shared input like this")),
-    "xt-alibi-rmsnorm": Family("x_transformers", xt_alibi, Partial(1, 1, "a shared input like this")),
-    # RealFormer residual attention: each layer's scores feed the next attention layer
-    "xt-residual-attn": Family("x_transformers", xt_residual_attention, Partial(1, 1, "a shared input like this")),
-    # post-norm here is layer_norm(x) * (gamma + 1): post_norm="move" looks for the norm op alone
-    "xt-post-norm": Family("x_transformers", xt_post_norm, Refused(r"no attention/MLP pair converts"), {"post_norm": "move"}),
+    "xt-rotary": Family(
+        "x_transformers", xt_rotary, Partial(1, 1, "a shared input like this"),
+        note="the rotary frequencies are applied inside an autocast-disabled region that export captures as one "
+        "node together with the first layer's query, and the later layers reuse its output: by data flow it depends "
+        "on the first attention branch, so every attention layer after the first stays ordinary autograd.",
+    ),
+    "xt-alibi-rmsnorm": Family(
+        "x_transformers", xt_alibi, Partial(1, 1, "a shared input like this"),
+        note="the ALiBi bias is built in the first attention branch from the key's length (a shape query on a "
+        "branch value) and reused by the later layers, so they stay ordinary autograd.",
+    ),
+    "xt-residual-attn": Family(
+        "x_transformers", xt_residual_attention, Partial(1, 1, "a shared input like this"),
+        note="RealFormer residual attention: each attention layer adds the previous layer's scores, a value "
+        "computed from the stream inside another block; the later layers stay ordinary autograd (by design).",
+    ),
+    "xt-post-norm": Family(
+        "x_transformers", xt_post_norm, Refused(r"no attention/MLP pair converts"), {"post_norm": "move"},
+        note="post-norm here is layer_norm(x) * (gamma + 1) (an affine-free norm, then a scale): "
+        "post_norm='move' moves a norm op alone, so no residual pairs up.",
+    ),
     "openclip-clip": Family("open_clip", clip, Converts(2)),  # image tower, text tower
     "openclip-visual-layerscale": Family("open_clip", clip_visual_layerscale, Converts(1), slow=True),
     "peft-lora-gpt2": Family("peft", lora_gpt2, Converts(1), check=adapters_alone_train),
     "peft-lora-llama": Family("peft", lora_llama, Converts(1), slow=True, check=adapters_alone_train),
-    # PeftModel.forward(**kwargs) hides use_cache: the traced output holds a DynamicCache
-    "peft-lora-gpt2-cache": Family("peft", lambda: lora_gpt2(2, use_cache=True), Refused(r"could not trace PeftModel.*DynamicCache")),
+    "peft-lora-gpt2-cache": Family(
+        "peft", lambda: lora_gpt2(2, use_cache=True), Refused(r"could not trace PeftModel.*DynamicCache"),
+        note="PeftModel.forward takes **kwargs, so revcompile cannot see its use_cache argument to turn the "
+        "key/value cache off: the traced output holds a DynamicCache. Pass {'use_cache': False} as example_kwargs "
+        "(peft-lora-gpt2).",
+    ),
     "hf-albert": Family(
         "transformers", hf_albert, Converts(1), {"post_norm": "move"},
         check=shared_by("encoder.albert_layer_groups.0.albert_layers.0.attention.query.weight", 3),
     ),
-    "plain-tensor-positions": Family("torch", constructs.plain_tensor_positions, Converts(1), known_failure=PLAIN_TENSOR_FIX),
+    "plain-tensor-positions": Family(
+        "torch", constructs.plain_tensor_positions, Converts(1), known_failure=PLAIN_TENSOR_FIX, note="self.pos_embedding = tensor"
+    ),
     "shared-block-loop": Family("torch", constructs.shared_block_loop, Converts(1), check=shared_by("block.attn.qkv.weight", 4)),
     "shared-groups-loop": Family("torch", constructs.shared_groups_loop, Converts(1), check=shared_by("groups.1.attn.qkv.weight", 2)),
     "loop-over-pairs": Family("torch", constructs.loop_over_pairs, Converts(1)),
