@@ -71,7 +71,7 @@ def measure(name: str) -> dict:
         tracer=plan.tracer,
         blocks=len(plan.blocks),
         segments=len(plan.segments),
-        couplings=sorted({b.coupling for b in plan.blocks} | ({"post-norm moved"} if any(b.post_norm_moved for b in plan.blocks) else set())),
+        couplings=sorted({b.form for b in plan.blocks} | ({"post-norm moved"} if any(b.post_norm_moved for b in plan.blocks) else set())),
         skipped=[f"{s.node} ({s.module}): {s.reason}" for s in plan.skipped],
         convert_seconds=round(seconds, 2),
     )
