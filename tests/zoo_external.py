@@ -239,7 +239,7 @@ EXTERNAL: dict[str, Family] = {
     "vitp-simple-vit": Family(
         "vit_pytorch", vitp_simple_vit, Converts(1), known_failure=PLAIN_TENSOR_FIX, note="its positions are a plain tensor attribute"
     ),
-    "vitp-deepvit": Family("vit_pytorch", vitp_deepvit, Converts(1)),
+    "vitp-deepvit": Family("vit_pytorch", vitp_deepvit, Converts(1), slow=True),  # re-attention mixes heads
     "vitp-cait": Family("vit_pytorch", lambda: vitp_cait(1), Converts(2), slow=True),  # patch blocks, class-attention blocks
     "vitp-cait-layerdrop": Family(
         "vit_pytorch", lambda: vitp_cait(2, 0.1), Refused(r"could not trace CaiT.*data-dependent"),
@@ -250,18 +250,18 @@ EXTERNAL: dict[str, Family] = {
     "xt-decoder-3": Family("x_transformers", lambda: xt_decoder(3), Converts(1), slow=True),
     "xt-sandwich-glu": Family("x_transformers", xt_sandwich_norm_encoder, Converts(1)),
     "xt-rotary": Family(
-        "x_transformers", xt_rotary, Partial(1, 1, "a shared input like this"),
+        "x_transformers", xt_rotary, Partial(1, 1, "code after this residual add reads it too"),
         note="the rotary frequencies are applied inside an autocast-disabled region that export captures as one "
         "node together with the first layer's query, and the later layers reuse its output: by data flow it depends "
         "on the first attention branch, so every attention layer after the first stays ordinary autograd.",
     ),
     "xt-alibi-rmsnorm": Family(
-        "x_transformers", xt_alibi, Partial(1, 1, "a shared input like this"),
+        "x_transformers", xt_alibi, Partial(1, 1, "code after this residual add reads it too"),
         note="the ALiBi bias is built in the first attention branch from the key's length (a shape query on a "
         "branch value) and reused by the later layers, so they stay ordinary autograd.",
     ),
     "xt-residual-attn": Family(
-        "x_transformers", xt_residual_attention, Partial(1, 1, "a shared input like this"),
+        "x_transformers", xt_residual_attention, Partial(1, 1, "code after this residual add reads it too"),
         note="RealFormer residual attention: each attention layer adds the previous layer's scores, a value "
         "computed from the stream inside another block; the later layers stay ordinary autograd (by design).",
     ),
@@ -275,7 +275,7 @@ EXTERNAL: dict[str, Family] = {
     "peft-lora-gpt2": Family("peft", lora_gpt2, Converts(1), check=adapters_alone_train),
     "peft-lora-llama": Family("peft", lora_llama, Converts(1), slow=True, check=adapters_alone_train),
     "peft-lora-gpt2-cache": Family(
-        "peft", lambda: lora_gpt2(2, use_cache=True), Refused(r"could not trace PeftModel.*DynamicCache"),
+        "peft", lambda: lora_gpt2(2, use_cache=True), Refused(r"could not trace PeftModel.*DynamicCache"), slow=True,
         note="PeftModel.forward takes **kwargs, so revcompile cannot see its use_cache argument to turn the "
         "key/value cache off: the traced output holds a DynamicCache. Pass {'use_cache': False} as example_kwargs "
         "(peft-lora-gpt2).",
