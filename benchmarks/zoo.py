@@ -1,6 +1,7 @@
 """Regenerate docs/zoo.md: every model family of the conformance suite, measured.
 
     python benchmarks/zoo.py [--out docs/zoo.md] [--only hf-t5 xt-rotary ...]
+    python benchmarks/zoo.py --render    # rewrite docs/zoo.md from the results file alone
 
 The families are the small configs of tests/models.py (timm, torchvision, HF) and of
 tests/zoo_external.py (vit-pytorch, x-transformers, open_clip, peft, hand-written
@@ -119,7 +120,7 @@ def _not_converted(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
         option = " ".join(f"`{k}={v!r}`" for k, v in r["options"].items())
-        why = f" {r['note']}." if r["note"] else ""
+        why = f" {r['note'].rstrip('.')}." if r["note"] else ""
         lines.append(f"- **{r['family']}** ({r['outcome']}{', ' + option if option else ''}):{why} `{r['error']}`")
     return lines
 
@@ -165,7 +166,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
             "models (`peft-`; only the adapters train, so only their gradients are compared), HF ALBERT (one "
             "layer's weights shared by all), and hand-written models with constructs such code uses: plain "
             "tensor attributes, one block applied in a Python loop (shared weights), (attention, MLP) pairs "
-            "looped over, DiT adaLN modulation from a timestep and label (side inputs of every branch).",
+            "looped over, DiT adaLN modulation from a timestep and label (side inputs of every branch). "
+            "A block applied several times (shared weights) becomes one reversible block per application, "
+            "all in one segment; its parameters' gradients are the sum over the applications, compared "
+            "exactly like any other.",
             "",
         ]
         lines += _table([r for r in external if r["outcome"] in ("converts", "partial")])
@@ -177,7 +181,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     partial = [r for r in external if r["outcome"] == "partial" and r["note"]]
     if partial:
         lines += ["", "### Converted in part", ""]
-        lines += [f"- **{r['family']}** ({r['blocks']}/{r['layers']} blocks): {r['note']}" for r in partial]
+        lines += [f"- **{r['family']}** ({r['blocks']}/{r['layers']} blocks): {r['note'].rstrip('.')}." for r in partial]
     skipped = [(r["family"], s) for r in rows for s in r.get("skipped", [])]
     if skipped:
         lines += ["", "## Residuals left as ordinary autograd", ""]
@@ -202,7 +206,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/zoo.md"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/zoo.json"))
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--render", action="store_true", help="only rewrite --out from the --json results")
     args = parser.parse_args()
+    if args.render:
+        results = json.loads(args.json.read_text())
+        args.out.write_text(markdown(results["rows"], results["meta"]))
+        print(f"wrote {args.out} from {args.json}")
+        return
     rows = []
     for name in args.only or [*ZOO, *EXTERNAL]:
         if not installed(name):
