@@ -186,12 +186,19 @@ class Coupling:
 
     name: ClassVar[str]
     stream_names: ClassVar[tuple[str, str]]  # the two streams a segment carries, for pictures
+    step_inputs: ClassVar[tuple[str, str]]  # what a block's F and G read, for pictures
+    step_formulas: ClassVar[tuple[str, str]]  # what a block's F and G steps compute, for pictures
     saves_per_step: ClassVar[tuple[str, ...]] = ()  # values kept per step besides the final streams
     alpha: float = 0.0  # d next / d cur (straight through any rounding)
     beta: float = 1.0  # d next / d prev
 
     def label(self) -> str:
         raise NotImplementedError
+
+    def keeps(self) -> str:
+        """What a segment keeps for backward, in words."""
+        kept = ", ".join(self.stream_names)
+        return f"keeps the last {kept} only" if not self.saves_per_step else f"keeps the last {kept} + per-step residues"
 
     def check(self, precision: str) -> None:
         """Raise ValueError if this coupling cannot run on streams of ``precision``."""
@@ -262,6 +269,8 @@ class RevViT(Coupling):
 
     name: ClassVar[str] = "revvit"
     stream_names: ClassVar[tuple[str, str]] = ("X1", "X2")
+    step_inputs: ClassVar[tuple[str, str]] = ("X2", "Y1")
+    step_formulas: ClassVar[tuple[str, str]] = ("Y1 = X1 + F(X2)", "Y2 = X2 + G(Y1)")
     fusion: str = "mean"
 
     def __post_init__(self):
@@ -301,6 +310,8 @@ class DualResidual(Coupling):
 
     name: ClassVar[str] = "dual"
     stream_names: ClassVar[tuple[str, str]] = ("x_i-1", "x_i")
+    step_inputs: ClassVar[tuple[str, str]] = ("x_i", "x_i+1")
+    step_formulas: ClassVar[tuple[str, str]] = ("x_i+1 = a·x_i + F(x_i) + b·x_i-1", "x_i+2 = a·x_i+1 + G(x_i+1) + b·x_i")
     saves_per_step: ClassVar[tuple[str, ...]] = ("residue",)
     beta: float = 2.0**-8
     alpha: float | None = None

@@ -433,13 +433,21 @@ def _happens_before(program: BackwardProgram) -> nx.DiGraph:
 
 def check_program(program: BackwardProgram) -> None:
     """Raise ``ScheduleError`` unless ``program`` is safe to run as the executor runs it."""
+    _check_order_and_streams(program)
+    _check_concurrency(program)
+    peak = _peak_live_graphs(program.groups)
+    if peak > program.live_graphs:
+        raise ScheduleError(f"{peak} block graphs alive at once, more than the bound of {program.live_graphs}")
+
+
+def _check_order_and_streams(program: BackwardProgram) -> None:
+    """Every step once, in a topological order; a grad on the stream that rebuilt its graph."""
     graph, order, streams = program.graph, program.order, program.streams
     if len(set(order)) != len(order) or set(order) != set(graph.nodes):
         raise ScheduleError(f"the order must run every step exactly once; got {[step_name(s) for s in order]}")
     if tuple(s for g in program.groups for s in g) != order:
         raise ScheduleError("the groups, in turn, must be the order")
     position = {step: k for k, step in enumerate(order)}
-    group_of = {step: k for k, group in enumerate(program.groups) for step in group}
     for u, v in graph.edges:
         if position[u] >= position[v]:
             raise ScheduleError(f"not a topological order: {step_name(v)} runs before {step_name(u)}, which it depends on")
@@ -449,6 +457,12 @@ def check_program(program: BackwardProgram) -> None:
                 f"{step_name(step)} runs on s{streams[step]} but block {step[1]}'s graph was rebuilt on "
                 f"s{streams[(RECOMPUTE, step[1])]}: autograd would run its backward ops on the other stream"
             )
+
+
+def _check_concurrency(program: BackwardProgram) -> None:
+    """Concurrent steps are proven independent, and every dependency is ordered on the device."""
+    graph, streams = program.graph, program.streams
+    group_of = {step: k for k, group in enumerate(program.groups) for step in group}
     for group in program.groups:
         fused = len(group) == 2 and group[0][0] == RECOMPUTE and group[1] == (GRAD, group[0][1])
         if fused:
@@ -471,6 +485,3 @@ def check_program(program: BackwardProgram) -> None:
                 f"{step_name(v)} (s{streams[v]}) depends on {step_name(u)} (s{streams[u]}) but nothing orders them "
                 "on the device: a wait is missing"
             )
-    peak = _peak_live_graphs(program.groups)
-    if peak > program.live_graphs:
-        raise ScheduleError(f"{peak} block graphs alive at once, more than the bound of {program.live_graphs}")

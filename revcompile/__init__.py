@@ -13,6 +13,7 @@
 See docs/design.md for the pipeline and docs/usage.md for a walk-through.
 """
 
+from revcompile import api
 from revcompile.api import (
     backward_program,
     beta_schedule,
@@ -32,20 +33,12 @@ from revcompile.show import draw
 from revcompile.verify import VerifyReport, verify
 
 __all__ = [
-    "convert",
-    "explain",
-    "set_backward",
-    "set_coefficients",
-    "beta_schedule",
-    "backward_program",
-    "reconstruction_report",
-    "unconvert",
+    *api.__all__,
     "verify",
     "VerifyReport",
     "memory_report",
     "MemoryReport",
     "draw",
-    "find_converted",
     "ReversibleModel",
     "ConversionError",
     "BACKWARD_MODES",

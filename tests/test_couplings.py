@@ -191,3 +191,28 @@ def test_explain_names_the_coupling_and_the_function_distance():
     assert "function distance at conversion" in text and "relative" in text
     assert model.training and converted.training  # the eval-mode comparison put the flags back
     assert "coupling: Rev-ViT coupling, fusion mean" in str(revcompile.explain(revcompile.convert(model, x)))
+
+
+def test_the_picture_names_the_dual_coupling_streams_and_steps(tmp_path):
+    model, x = _vit(depth=2)
+    converted = revcompile.convert(model, x, coupling="dual", beta=2.0**-4)
+    svg = revcompile.draw(converted, tmp_path / "dual.svg", expand=True)
+    assert "two streams x_i-1, x_i" in svg
+    assert "x_i+1 = a·x_i + F(x_i) + b·x_i-1" in svg
+    assert "keeps the last x_i-1, x_i + per-step residues" in svg
+    revvit = revcompile.draw(revcompile.convert(model, x), expand=True)
+    assert "two streams X1, X2" in revvit and "Y1 = X1 + F(X2)" in revvit
+
+
+def test_a_lora_wrapped_hf_model_converts_with_dual_and_only_adapters_get_exact_gradients():
+    peft = pytest.importorskip("peft")  # the [zoo] extra, which CI installs
+    torch.manual_seed(0)
+    model, args, kwargs, layers = hf_gpt2(depth=2)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_dropout=0.1, fan_in_fan_out=True)
+    lora = peft.get_peft_model(model.double(), config)
+    perturb_parameters(lora)  # LoRA's B starts at zero, which would hide A's gradient
+    converted = revcompile.convert(lora, args, kwargs, coupling="dual", beta=2.0**-8)
+    assert len(revcompile.explain(converted).blocks) == layers
+    trainable = [n for n, p in converted.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert assert_gradients_match(converted, args, kwargs, tol=1e-12) == len(trainable)
