@@ -1,6 +1,6 @@
 """Regenerate docs/zoo.md: every model family of the conformance suite, measured.
 
-    python benchmarks/zoo.py [--out docs/zoo.md] [--only hf-t5 xt-rotary ...]
+    python benchmarks/zoo.py [--out docs/zoo.md] [--only hf-t5 xt-rotary ...]   # --only re-measures those rows
     python benchmarks/zoo.py --render    # rewrite docs/zoo.md from the results file alone
 
 The families are the small configs of tests/models.py (timm, torchvision, HF) and of
@@ -228,6 +228,9 @@ def main() -> None:
         except importlib.metadata.PackageNotFoundError:
             continue
     meta = {"date": date.today().isoformat(), "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, "libraries": libraries}
+    if args.only and args.json.exists():  # keep the other families' rows, in registry order
+        measured = {r["family"]: r for r in json.loads(args.json.read_text())["rows"]} | {r["family"]: r for r in rows}
+        rows = [measured[name] for name in [*ZOO, *EXTERNAL] if name in measured]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     args.out.write_text(markdown(rows, meta))

@@ -172,10 +172,11 @@ def _lora(model_type: str, targets: list[str], **config):
     return get_peft_model(base, adapters).train()
 
 
-def lora_gpt2(depth=2, use_cache=False):
+def lora_gpt2(depth=2):
     model = _lora("gpt2", ["c_attn", "c_fc"], n_layer=depth, n_embd=WIDTH, n_head=4, vocab_size=100, n_positions=64)
-    # PeftModel.forward takes **kwargs, so revcompile cannot see (and turn off) use_cache
-    return model, (_ids(),), ({"use_cache": False} if not use_cache else {}), depth
+    # called as users call it: PeftModel.forward(**kwargs) passes use_cache on unseen, and
+    # revcompile still turns the key/value cache off
+    return model, (_ids(),), {}, depth
 
 
 def lora_llama(depth=2):
@@ -274,12 +275,6 @@ EXTERNAL: dict[str, Family] = {
     "openclip-visual-layerscale": Family("open_clip", clip_visual_layerscale, Converts(1), slow=True),
     "peft-lora-gpt2": Family("peft", lora_gpt2, Converts(1), check=adapters_alone_train),
     "peft-lora-llama": Family("peft", lora_llama, Converts(1), slow=True, check=adapters_alone_train),
-    "peft-lora-gpt2-cache": Family(
-        "peft", lambda: lora_gpt2(2, use_cache=True), Refused(r"could not trace PeftModel.*DynamicCache"), slow=True,
-        note="PeftModel.forward takes **kwargs, so revcompile cannot see its use_cache argument to turn the "
-        "key/value cache off: the traced output holds a DynamicCache. Pass {'use_cache': False} as example_kwargs "
-        "(peft-lora-gpt2).",
-    ),
     "hf-albert": Family(
         "transformers", hf_albert, Converts(1), {"post_norm": "move"},
         check=shared_by("encoder.albert_layer_groups.0.albert_layers.0.attention.query.weight", 3),
