@@ -175,8 +175,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines += _table([r for r in external if r["outcome"] in ("converts", "partial")])
         refused = [r for r in external if r["outcome"] in ("refused", "fails")]
         if refused:
-            lines += ["", "### Not converted", "", "*refused*: `convert` raises this `ConversionError`; *fails*: a known "
-                      "converter bug (the test is an expected failure naming the fix).", ""]
+            lines += ["", "### Not converted", "", "*refused*: `convert` raises this `ConversionError`; *fails*: any other "
+                      "error on the way (a converter bug).", ""]
             lines += _not_converted(refused)
     partial = [r for r in external if r["outcome"] == "partial" and r["note"]]
     if partial:

@@ -23,10 +23,7 @@ from tests.zoo_external import EXTERNAL, Converts, Partial, Refused
 
 
 def _marks(family):
-    marks = [pytest.mark.slow] if family.slow else []
-    if family.known_failure:
-        marks.append(pytest.mark.xfail(strict=True, reason=family.known_failure))
-    return marks
+    return [pytest.mark.slow] if family.slow else []
 
 
 def build_float64(family):

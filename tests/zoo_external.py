@@ -51,8 +51,7 @@ class Family:
     # more to assert once it converted: check(model, plan, compared), where compared is the
     # number of gradients (parameters and inputs) compared with a non-zero reference
     check: Callable | None = None
-    known_failure: str | None = None  # an xfail(strict=True) reason: a converter fix in progress
-    note: str = ""  # why it is partial or refused, for docs/zoo.md
+    note: str = ""  # what is special about it (why it is partial or refused), for docs/zoo.md
 
 
 def _images(size=32):
@@ -228,17 +227,11 @@ def conditioning_is_a_side_input(model, plan, compared):
     assert compared == 2 + sum(1 for _ in model.parameters())
 
 
-PLAIN_TENSOR_FIX = (
-    "plain tensor attributes (self.pos_embedding = tensor) are not carried into the converted model: "
-    "AttributeError 'ReversibleReversibleModel' object has no attribute 'pos_embedding'; "
-    "the converter fix for plain tensor attributes is in progress"
-)
-
 EXTERNAL: dict[str, Family] = {
     "vitp-vit-1": Family("vit_pytorch", lambda: vitp_vit(1), Converts(1)),
     "vitp-vit-3": Family("vit_pytorch", lambda: vitp_vit(3), Converts(1), slow=True),
     "vitp-simple-vit": Family(
-        "vit_pytorch", vitp_simple_vit, Converts(1), known_failure=PLAIN_TENSOR_FIX, note="its positions are a plain tensor attribute"
+        "vit_pytorch", vitp_simple_vit, Converts(1), note="its positions are a plain tensor attribute"
     ),
     "vitp-deepvit": Family("vit_pytorch", vitp_deepvit, Converts(1), slow=True),  # re-attention mixes heads
     "vitp-cait": Family("vit_pytorch", lambda: vitp_cait(1), Converts(2), slow=True),  # patch blocks, class-attention blocks
@@ -280,7 +273,7 @@ EXTERNAL: dict[str, Family] = {
         check=shared_by("encoder.albert_layer_groups.0.albert_layers.0.attention.query.weight", 3),
     ),
     "plain-tensor-positions": Family(
-        "torch", constructs.plain_tensor_positions, Converts(1), known_failure=PLAIN_TENSOR_FIX, note="self.pos_embedding = tensor"
+        "torch", constructs.plain_tensor_positions, Converts(1), note="self.pos_embedding = tensor"
     ),
     "shared-block-loop": Family("torch", constructs.shared_block_loop, Converts(1), check=shared_by("block.attn.qkv.weight", 4)),
     "shared-groups-loop": Family("torch", constructs.shared_groups_loop, Converts(1), check=shared_by("groups.1.attn.qkv.weight", 2)),
