@@ -21,7 +21,8 @@ from torch import nn
 import revcompile
 from revcompile.measure import saved_for_backward
 from revcompile.passes.sketch import find_linear_sites, sketch_linears
-from revcompile.sketch import ESTIMATORS, SketchConfig, SketchedLinear, row_probabilities, sketched_layers
+from revcompile.sketch import ESTIMATORS, SketchConfig, SketchedLinear, row_probabilities
+from revcompile.sketch_variance import sketched_layers
 from revcompile.sketch_variance import expected_sketch_error, sketch_report, sketch_variance
 from tests import models
 from tests.blocks import Stack, tokens
