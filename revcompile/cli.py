@@ -1,6 +1,8 @@
 """The ``revcompile`` command line.
 
     revcompile report [MODEL] [--memory-cap 16GiB] [--json]   what conversion saves, measured and predicted
+    revcompile report MODEL --predict-only [--dtype bfloat16] [--autocast bfloat16] --memory-cap 80GiB
+                                                           the same predicted without allocating: will it fit?
     revcompile show [MODEL] [-o FILE.svg] [--before] [--expand]   what became reversible, as a picture
 
 MODEL is ``timm:NAME``, ``torchvision:NAME``, ``hf:MODEL_TYPE`` or ``package.module:callable``

@@ -40,13 +40,13 @@ from revcompile.budget import (
 from revcompile.errors import ConversionError
 from revcompile.passes.memory import MemoryPrediction, PredictionFailed
 from revcompile.passes.plan import Plan
+from revcompile.report import _batch_size, predict
 
 __all__ = ["FitPrediction", "predict_memory", "fake_model", "NO_STORAGE"]
 
 NO_STORAGE = ("built on the meta device and run on fake tensors (shapes and dtypes only): "
               "no storage is allocated for parameters or activations; nothing is measured")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-_READS_VALUES = ("data-dependent", "meta tensor", "item()", "fake", "could not guard", "Could not extract")
 
 
 @dataclass(frozen=True)
@@ -132,11 +132,34 @@ def _build_on_meta(factory) -> nn.Module:
 
 
 def _conversion_error(err: ConversionError) -> ConversionError:
-    text = str(err)
-    if any(marker in text for marker in _READS_VALUES):
-        text += (" (predicting without storage: the forward reads tensor values, which fake tensors do not "
-                 "have; measure a smaller real config with `revcompile report` instead)")
-    return ConversionError(text)
+    if err.__cause__ is None:  # traced, but nothing to convert: the same as with real weights
+        return err
+    return ConversionError(
+        f"{err} (traced without storage, on fake tensors: if this model converts with real weights, its forward "
+        "reads tensor values; measure a smaller real config with `revcompile report` instead)"
+    )
+
+
+def _fake_call(model: nn.Module, args: tuple, kwargs: dict, dtype: torch.dtype | None):
+    """The model and one call, as fake CPU tensors of one fake mode; the call's batch size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = fake_model(model, mode, dtype).train()
+    args, kwargs = _fake_inputs(mode, args, dtype), _fake_inputs(mode, kwargs, dtype)
+    batch = _batch_size(args, kwargs)
+    if not batch or batch < 2:
+        raise ReportError(f"the example call needs a batch dimension of at least 2 to trace, got {batch}")
+    return fake, args, kwargs, batch
+
+
+def _capacity(cap: int | None, state: TrainingState, prediction: MemoryPrediction) -> tuple[BatchCapacity | None, tuple]:
+    """The largest batches under ``cap`` (None without one), and a note when not even one sample fits."""
+    if cap is None:
+        return None, ()
+    basis = "predicted peak activation memory (saved for backward + backward working memory)"
+    capacity = largest_batches(cap, state, prediction.original_peak, prediction.converted_peak, basis)
+    return capacity, (() if capacity.converted else (nothing_fits(cap, state, prediction.converted_peak),))
 
 
 def predict_memory(
@@ -166,26 +189,18 @@ def predict_memory(
     Raises ``ReportError`` (a model that cannot be built or predicted without storage, a cap
     nothing fits) or ``ConversionError``.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from revcompile.api import convert, explain
-    from revcompile.report import _batch_size, predict
 
     say = progress or (lambda text: None)
     amp = AUTOCAST_DTYPES.get(autocast, autocast) if isinstance(autocast, str) else autocast
     if amp not in (None, torch.bfloat16, torch.float16):
         raise ReportError(f"autocast must be bfloat16 or float16 (or None), got {autocast!r}")
+    cap = parse_bytes(memory_cap) if memory_cap is not None else None
     if not isinstance(model, nn.Module):
         say("building the model on the meta device")
         model = _build_on_meta(model)
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = fake_model(model, mode, dtype).train()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    args, kwargs = _fake_inputs(mode, args, dtype), _fake_inputs(mode, dict(example_kwargs or {}), dtype)
-    batch = _batch_size(args, kwargs)
-    if not batch or batch < 2:
-        raise ReportError(f"the example call needs a batch dimension of at least 2 to trace, got {batch}")
-    cap = parse_bytes(memory_cap) if memory_cap is not None else None
+    fake, args, kwargs, batch = _fake_call(model, args, dict(example_kwargs or {}), dtype)
     state = training_state(fake, optimizer, parse_bytes(reserve))
     say("tracing and converting on fake tensors")
     try:
@@ -198,12 +213,7 @@ def predict_memory(
             prediction = predict(converted, args, kwargs, batch)
     except PredictionFailed as err:
         raise ReportError(f"the graphs could not be interpreted on fake tensors: {err}") from None
-    capacity = None
-    if cap is not None:
-        basis = "predicted peak activation memory (saved for backward + backward working memory)"
-        capacity = largest_batches(cap, state, prediction.original_peak, prediction.converted_peak, basis)
-        if not capacity.converted:
-            notes = (*notes, nothing_fits(cap, state, prediction.converted_peak))
+    capacity, shortfall = _capacity(cap, state, prediction)
     first = next(fake.parameters(), None)
     return FitPrediction(
         model=name or type(model).__name__,
@@ -215,5 +225,5 @@ def predict_memory(
         prediction=prediction,
         training=state,
         capacity=capacity,
-        notes=tuple(notes),
+        notes=(*notes, *shortfall),
     )

@@ -38,7 +38,7 @@ def _real_prediction(family: str, dtype: torch.dtype, autocast: torch.dtype | No
     converted = revcompile.convert(model, args)
     with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
         prediction = predict(converted, args, {}, 2)
-    return prediction, training_state(model, "adamw", 0)
+    return prediction, training_state(model, "adamw", 0), model, args
 
 
 @pytest.mark.parametrize("family, dtype, autocast", [
@@ -47,7 +47,7 @@ def _real_prediction(family: str, dtype: torch.dtype, autocast: torch.dtype | No
     ("llama", torch.float32, torch.bfloat16),
 ])
 def test_meta_path_predicts_what_the_real_path_predicts(family, dtype, autocast):
-    real, real_state = _real_prediction(family, dtype, autocast)
+    real, real_state, real_model, real_args = _real_prediction(family, dtype, autocast)
     built = _build(family, "meta")
     assert next(built.model.parameters()).is_meta and built.args[0].is_meta
     fit = revcompile.predict_memory(built.model, built.args, dtype=dtype, autocast=autocast, reserve=0)
@@ -55,6 +55,11 @@ def test_meta_path_predicts_what_the_real_path_predicts(family, dtype, autocast)
     assert fit.training == real_state
     assert fit.parameter_count == sum(p.numel() for p in _build(family, "cpu").model.parameters())
     assert next(built.model.parameters()).is_meta  # the caller's model is left as it was
+    if family == "vit":  # a real model is predicted from its shapes too, and left untouched
+        before = {k: v.clone() for k, v in real_model.state_dict().items()}
+        again = revcompile.predict_memory(real_model, real_args, dtype=dtype, autocast=autocast, reserve=0)
+        assert asdict(again.prediction) == asdict(real)
+        assert all(torch.equal(before[k], v) for k, v in real_model.state_dict().items())
 
 
 def test_autocast_is_counted():
