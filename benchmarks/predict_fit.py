@@ -11,13 +11,15 @@ no optimizer state (SGD: what the activations alone allow). 512 MiB reserve.
 ``validate``: configs small enough to train here, predicted on the meta device and measured
 for real by ``revcompile.memory_report`` (one step; the live-heap peak on CPU), at two batches.
 
-Writes ``benchmarks/results/predict_fit.json`` and prints the markdown tables.
+Writes ``benchmarks/results/predict_fit.json`` (a part left out with ``--skip`` keeps its
+last results there) and prints the markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from dataclasses import replace
@@ -89,24 +91,31 @@ def _validate_rows(batches=(8, 32)) -> list[dict]:
     return rows
 
 
+def _fit_markdown(part: dict) -> list[str]:
+    head = " | ".join(f"{o} {c} GiB" for o in ("AdamW", "SGD") for c in CAPS)
+    lines = [f"| model | params | blocks | {head} | predict time (s) |", "|---|---:|---:|" + "---:|" * (2 * len(CAPS)) + "---:|"]
+    for row in part["rows"]:
+        cells = [f"{b['original']:,} → {b['converted']:,}" for b in row["largest_batch"].values()]
+        lines.append(f"| {row['model']} | {row['parameters'] / 1e9:.2f}B | {row['blocks']} | {' | '.join(cells)} | {row['seconds']} |")
+    return lines
+
+
+def _validate_markdown(part: dict) -> list[str]:
+    lines = ["| model | batch | saved: original / converted | peak: original / converted |", "|---|---:|---:|---:|"]
+    for row in part["rows"]:
+        e = row["relative_error"]
+        lines.append(f"| {row['model']} | {row['batch']} | {e['original_saved'] * 100:+.1f}% / {e['converted_saved'] * 100:+.1f}% "
+                     f"| {e['original_peak'] * 100:+.1f}% / {e['converted_peak'] * 100:+.1f}% |")
+    return lines
+
+
 def _markdown(results: dict) -> str:
-    meta = results["meta"]
-    lines = [f"{meta['date']}, CPU: {meta['machine']} ({meta['threads']} threads), torch {meta['torch']}; "
-             "predicted on fake tensors, nothing allocated.", ""]
-    if results.get("fit"):
-        head = " | ".join(f"{o} {c} GiB" for o in ("AdamW", "SGD") for c in CAPS)
-        lines += [f"| model | params | blocks | {head} | predict time (s) |",
-                  "|---|---:|---:|" + "---:|" * (2 * len(CAPS)) + "---:|"]
-        for row in results["fit"]:
-            cells = [f"{b['original']:,} → {b['converted']:,}" for b in row["largest_batch"].values()]
-            lines.append(f"| {row['model']} | {row['parameters'] / 1e9:.2f}B | {row['blocks']} | {' | '.join(cells)} | {row['seconds']} |")
-        lines.append("")
-    if results.get("validate"):
-        lines += ["| model | batch | saved: original / converted | peak: original / converted |", "|---|---:|---:|---:|"]
-        for row in results["validate"]:
-            e = row["relative_error"]
-            lines.append(f"| {row['model']} | {row['batch']} | {e['original_saved'] * 100:+.1f}% / {e['converted_saved'] * 100:+.1f}% "
-                         f"| {e['original_peak'] * 100:+.1f}% / {e['converted_peak'] * 100:+.1f}% |")
+    lines = []
+    for name, table in (("fit", _fit_markdown), ("validate", _validate_markdown)):
+        if name in results:
+            meta = results[name]["meta"]
+            lines += [f"{name}: {meta['date']}, CPU {meta['machine']} ({meta['threads']} threads), torch {meta['torch']}, "
+                      f"load average {meta['load_average']}", "", *table(results[name]), ""]
     return "\n".join(lines)
 
 
@@ -115,15 +124,17 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=("fit", "validate"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    results = {"meta": {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-                        "threads": torch.get_num_threads(), "torch": torch.__version__,
-                        "command": "python benchmarks/predict_fit.py" + (f" --skip {' '.join(args.skip)}" if args.skip else "")}}
-    if "fit" not in args.skip:
-        results["fit"] = _fit_rows()
-    if "validate" not in args.skip:
-        results["validate"] = _validate_rows()
+    path = args.out / "predict_fit.json"
+    results = json.loads(path.read_text()) if path.exists() else {}  # a skipped part keeps its last results
+    for name, run in (("fit", _fit_rows), ("validate", _validate_rows)):
+        if name not in args.skip:
+            rows = run()
+            meta = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "load_average": os.getloadavg()[0], "command": f"python benchmarks/predict_fit.py --skip {' '.join(set(('fit', 'validate')) - {name})}"}
+            results[name] = {"meta": meta, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "predict_fit.json").write_text(json.dumps(results, indent=2))
+    path.write_text(json.dumps(results, indent=2))
     print("\n" + _markdown(results))
 
 
