@@ -43,8 +43,8 @@ def _real_prediction(family: str, dtype: torch.dtype, autocast: torch.dtype | No
 
 @pytest.mark.parametrize("family, dtype, autocast", [
     ("vit", torch.float32, None),
-    ("llama", torch.bfloat16, None),
-    ("llama", torch.float32, torch.bfloat16),
+    pytest.param("llama", torch.bfloat16, None, marks=pytest.mark.slow),  # torch.export, twice
+    pytest.param("llama", torch.float32, torch.bfloat16, marks=pytest.mark.slow),
 ])
 def test_meta_path_predicts_what_the_real_path_predicts(family, dtype, autocast):
     real, real_state, real_model, real_args = _real_prediction(family, dtype, autocast)
