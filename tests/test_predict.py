@@ -123,3 +123,15 @@ def test_predict_only_allocates_no_parameters_or_activations():
     assert "no storage is allocated" in data["method"]
     assert data["capacity"]["converted"] > data["capacity"]["original"] > 0
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < 2 * 2**30
+
+
+def test_cli_predict_only_prints_the_header_and_both_largest_batches(capsys):
+    from revcompile.cli import main
+
+    tiny = ["--config", "depth=2", "--config", "dim=32", "--config", "heads=2", "--batch-size", "2"]
+    assert main(["report", *tiny, "--predict-only", "--memory-cap", "256MiB", "--reserve", "0"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Predicted, not measured" in out and "no storage is allocated for parameters or activations" in out
+    assert "largest batch under 256.0 MiB" in out
+    assert main(["report", *tiny, "--autocast", "bfloat16"]) == 2
+    assert "--autocast is counted by --predict-only" in capsys.readouterr().err
