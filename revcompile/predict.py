@@ -80,7 +80,6 @@ class FitPrediction:
             "prediction": {
                 "batches": list(p.batches),
                 **{name: asdict(getattr(p, name)) for name in lines},
-                "gradient_buffer_bytes": p.gradient_buffer_bytes,
                 "notes": list(p.notes),
             },
             "training_state": {**asdict(self.training), "total": self.training.total},
