@@ -43,7 +43,7 @@ from revcompile.budget import (
 from revcompile.errors import ConversionError
 from revcompile.passes.memory import MemoryPrediction, PredictionFailed
 from revcompile.passes.plan import Plan
-from revcompile.report import _batch_size, predict
+from revcompile.report import searched_capacity, _batch_size, predict
 
 __all__ = ["FitPrediction", "predict_memory", "fake_model", "NO_STORAGE"]
 
@@ -216,6 +216,10 @@ def predict_memory(
     except PredictionFailed as err:
         raise ReportError(f"the graphs could not be interpreted on fake tensors: {err}") from None
     capacity, shortfall = _capacity(cap, state, prediction)
+    if capacity is not None and capacity.converted:
+        say("searching the largest batches with simulated steps")
+        with torch.autocast("cpu", dtype=amp) if amp is not None else nullcontext():
+            capacity = searched_capacity(capacity, state, converted, args, kwargs, batch, tolerance=0.05)
     first = next(fake.parameters(), None)
     return FitPrediction(
         model=name or type(model).__name__,

@@ -47,7 +47,7 @@ from revcompile.budget import (
     training_state,
 )
 from revcompile.measure import HeapPeak, saved_for_backward
-from revcompile.simulate import LiveTensorBytes, simulate_step_peak
+from revcompile.simulate import LiveTensorBytes, largest_fitting_batch, simulate_step_peak
 
 __all__ = ["StepMeasurement", "MemoryReport", "measure_step", "predict", "memory_report", "ReportError"]
 
@@ -272,6 +272,26 @@ def _with_simulated_peaks(prediction: MemoryPrediction, converted: nn.Module, ar
         raise PredictionFailed(f"simulating the training step on fake tensors failed: {type(err).__name__}: {err}") from err
 
 
+def searched_capacity(capacity: BatchCapacity, state: TrainingState, converted: nn.Module, args: tuple, kwargs: dict,
+                      batch: int, *, tolerance: float = 0.02) -> BatchCapacity:
+    """Each largest batch found by simulating the training step at candidate batches.
+
+    The fitted lines' answers are where the search starts (``largest_fitting_batch``): a
+    line through two batch sizes can overshoot the largest batch by a factor where fixed
+    costs dominate, and a batch that is too large runs out of memory.
+    """
+    room = capacity.memory_cap - state.total
+
+    def search(model: nn.Module, guess: int) -> int:
+        peak = lambda b: simulate_step_peak(model, *_at_batch([args, kwargs], batch, b)).peak_bytes  # noqa: E731
+        return largest_fitting_batch(peak, room, guess, tolerance=tolerance)
+
+    basis = (f"simulated peak of the training step (forward and backward on fake tensors) at the batches searched, "
+             f"to within {tolerance:.0%}")
+    return replace(capacity, original=search(converted.original_model, max(capacity.original, 1)),
+                   converted=search(converted, max(capacity.converted, 1)), basis=basis)
+
+
 def _capacity(cap: int, state: TrainingState, prediction: MemoryPrediction | None,
               measured: tuple[StepMeasurement, StepMeasurement] | None, batch: int | None) -> BatchCapacity:
     if prediction is not None:
@@ -332,6 +352,9 @@ def memory_report(
     say("measuring one training step of the converted model")
     reversible = measure_step(converted, args, kwargs)
     capacity = _capacity(cap, state, prediction, (original, reversible), batch) if cap is not None else None
+    if capacity is not None and prediction is not None:
+        say("searching the largest batches with simulated steps")
+        capacity = searched_capacity(capacity, state, converted, args, kwargs, batch or 1)
     param = next(model.parameters())
     return MemoryReport(
         model=name or type(model).__name__,
