@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from revcompile.passes.graph_view import shape_key
-from revcompile.passes.plan import Branch, Plan, Segment
+from revcompile.passes.plan import Branch, Plan, Segment, require_choice
 
 __all__ = ["FUSIONS", "SegmentCall", "BranchProgram", "BlockProgram", "SegmentProgram", "RewriteResult", "rewrite_reversible"]
 
@@ -156,8 +156,7 @@ def _segment_nodes(nodes: dict[str, fx.Node], segment: Segment) -> list[fx.Node]
 
 def rewrite_reversible(gm: fx.GraphModule, plan: Plan, fusion: str = "mean") -> RewriteResult:
     """Rewrite ``gm`` in place so that each segment of ``plan`` is one ``SegmentCall``."""
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {fusion!r}")
+    require_choice("fusion", fusion, FUSIONS)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     order = {n: i for i, n in enumerate(graph.nodes)}

@@ -5,12 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from revcompile.passes.detect import POST_NORM
-from revcompile.passes.plan import Plan
+from revcompile.passes.plan import Plan, require_choice
 from revcompile.passes.rewrite import FUSIONS
 from revcompile.passes.schedule import BackwardProgram
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
-from revcompile.frontend import TRACERS
+from revcompile.frontend import TRACERS, bind_call, training_defaults
+from revcompile.inputs import check_example_inputs
 from revcompile.runtime import BACKWARD_MODES, STREAM_PRECISIONS, ReconstructionDrift
 
 __all__ = [
@@ -55,30 +56,29 @@ def convert(
     ``check_reconstruction``: a debug mode that keeps every block's inputs, compares the
     reconstructed ones with them in backward (``reconstruction_report``) and raises on a
     non-finite reconstruction. It stores activations: do not train with it.
-    Raises ``ConversionError`` when tracing fails or nothing is convertible.
+    Raises ``ConversionError`` when the model cannot run on the example inputs (naming the
+    input and what the failing op expected), when tracing fails, or when nothing is convertible.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, ReversibleModel):
         raise ConversionError("this model is already converted; call revcompile.unconvert(model) to get the original")
-    if tracer not in TRACERS:
-        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {fusion!r}")
-    if post_norm not in POST_NORM:
-        raise ValueError(f"post_norm must be one of {sorted(POST_NORM)}, got {post_norm!r}")
-    if streams not in STREAM_PRECISIONS:
-        raise ValueError(f"streams must be one of {sorted(STREAM_PRECISIONS)}, got {streams!r}")
+    options = {"tracer": (tracer, TRACERS), "fusion": (fusion, FUSIONS), "post_norm": (post_norm, POST_NORM),
+               "streams": (streams, STREAM_PRECISIONS)}
+    for option, (value, choices) in options.items():
+        require_choice(option, value, choices)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    converted = ReversibleModel(
-        model, tracer=tracer, fusion=fusion, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction
-    )
+    kwargs = dict(example_kwargs or {})
     try:
-        converted.compile_for(args, dict(example_kwargs or {}))
+        check_example_inputs(model, bind_call(model, args, kwargs, training_defaults(model, kwargs)))
     except TypeError as err:
         raise ConversionError(
             f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
         ) from None
+    converted = ReversibleModel(
+        model, tracer=tracer, fusion=fusion, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction
+    )
+    converted.compile_for(args, kwargs)
     return converted
 
 
@@ -101,8 +101,7 @@ def explain(module: nn.Module) -> Plan:
 
 def set_backward(module: nn.Module, mode: str) -> None:
     """Switch how converted segments in ``module`` run backward: one of ``BACKWARD_MODES``."""
-    if mode not in BACKWARD_MODES:
-        raise ValueError(f"backward mode must be one of {sorted(BACKWARD_MODES)}, got {mode!r}")
+    require_choice("backward mode", mode, BACKWARD_MODES)
     found = find_converted(module)
     if not found:
         raise ValueError(f"{type(module).__name__} contains no model converted by revcompile.convert")
