@@ -162,7 +162,7 @@ def _print_prediction(console: Console, report) -> None:
 
 def _print_capacity(console: Console, report) -> None:
     cap, state = report.capacity, report.training
-    table = Table(title=f"Largest training batch under {format_bytes(cap.memory_cap)} ({OPTIMIZER_NAMES[state.optimizer]})")
+    table = Table(title=f"Predicted largest training batch under {format_bytes(cap.memory_cap)} ({OPTIMIZER_NAMES[state.optimizer]})")
     for name, justify in (("", "left"), ("original", "right"), ("converted", "right")):
         table.add_column(name, justify=justify)
     table.add_row("parameters + gradients", format_bytes(state.parameters + state.gradients), "same")
@@ -180,7 +180,7 @@ def _headline(report) -> str:
     cap = report.capacity
     if cap is not None:
         gain = f" ({cap.gain:.1f}x)" if cap.gain else " (the original does not fit at all)"
-        line += f"; under {format_bytes(cap.memory_cap)} the largest batch goes from {cap.original:,} to [bold green]{cap.converted:,}[/bold green]{gain}"
+        line += f"; under {format_bytes(cap.memory_cap)} the predicted largest batch goes from {cap.original:,} to [bold green]{cap.converted:,}[/bold green]{gain}"
     return line + "."
 
 

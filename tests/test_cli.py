@@ -52,7 +52,7 @@ def test_report_default_model_prints_the_tables(capsys):
     assert code == 0, err
     assert "reference-vit (built-in ViT, depth 12)" in out
     assert "Converted 12 blocks into 1 reversible segment" in out
-    for heading in ("Measured: one training step", "Predicted from the graphs", "Largest training batch under 1.0 GiB"):
+    for heading in ("Measured: one training step", "Predicted from the graphs", "Predicted largest training batch under 1.0 GiB"):
         assert heading in out
     assert "Prediction vs measurement" in out
 
