@@ -179,3 +179,8 @@ def test_the_checker_catches_a_wrong_figure(tmp_path):
     for wrong, key in (("takes 0.45 s", "rows[model=a].seconds"), ("2.9 MiB", "rows[model=a].bytes"), ("0.47 s", None)):
         with pytest.raises(AssertionError):
             _check_figure(wrong, file, key)
+    text = tmp_path / "r.txt"
+    text.write_text("| peak | 470.7 MiB | 2.0x |")
+    _check_figure("only 2.0x", text, None)
+    with pytest.raises(AssertionError):
+        _check_figure("only 2.1x", text, None)
