@@ -52,7 +52,7 @@ def measure(name: str) -> dict:
         "layers": layers,
         "blocks": len(plan.blocks),
         "segments": len(plan.segments),
-        "couplings": sorted({b.coupling for b in plan.blocks} | ({"post-norm moved"} if any(b.post_norm_moved for b in plan.blocks) else set())),
+        "couplings": sorted({b.form for b in plan.blocks} | ({"post-norm moved"} if any(b.post_norm_moved for b in plan.blocks) else set())),
         "options": options,
         "skipped": [f"{s.node} ({s.module}): {s.reason}" for s in plan.skipped],
         "worst_relative_error_float64": report.worst.relative_error if report.worst else None,

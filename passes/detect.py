@@ -1,7 +1,7 @@
 """Assemble residuals into reversible blocks and chain blocks into segments.
 
 A block is what the coupling ``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)`` replaces
-(``revcompile.passes.plan.COUPLINGS``):
+(``revcompile.passes.plan.BLOCK_FORMS``):
 
 * sequential: an attention residual whose output feeds an MLP residual and nothing else
   (F = attention branch, G = MLP branch);
@@ -192,18 +192,18 @@ class _Assembler:
             f_part, g_part = unit.first.parallel
             f = self.branch(entry, entry_chain, [f_part], [])
             g = self.branch(entry, entry_chain, [g_part], [])
-            coupling = "parallel"
+            form = "parallel"
         else:
             attention, mlp = unit.residuals[:-1], unit.last
             inner = [nodes[a.add] for a in attention[:-1]]
             f = self.branch(entry, entry_chain, [a.branch for a in attention], inner + [n for c in unit.chains[:-1] for n in c])
             g = self.branch(nodes[attention[-1].add], unit.chains[-1], [mlp.branch], [])
-            coupling = "sequential" if len(attention) == 1 else "decoder"
+            form = "sequential" if len(attention) == 1 else "decoder"
         name = self.block_name(unit) or "/".join(r.add for r in unit.residuals)
         adds = tuple(r.add for r in unit.residuals)
         replaced = set(f.nodes) | set(g.nodes) | set(adds) | {n for r in unit.residuals for n in r.branch.nodes}
         return Block(
-            name, entry.name, unit.last.add, adds, coupling, f, g,
+            name, entry.name, unit.last.add, adds, form, f, g,
             replaces=tuple(n.name for n in self.view.sorted(self.nodes[n] for n in replaced)),
             post_norm_moved=unit.post_norm_moved,
         )

@@ -12,8 +12,10 @@ measurement (``revcompile.measure``): they exist whether or not activations are 
 
 * The **original** graph is interpreted as it is.
 * In the **rewritten** graph each ``reversible_segment_<i>`` call is interpreted as the
-  reversible runtime behaves: the blocks run without a graph and the segment keeps only
-  its two output streams ``(Y1, Y2)`` and its side inputs.
+  reversible runtime behaves: the blocks run as the steps of the model's coupling
+  (``revcompile.passes.couplings``, the same definition the runtime runs) without a graph,
+  and the segment keeps only its two final streams, its side inputs and whatever the
+  coupling keeps per step (the dual coupling's packed residue bits).
 * Backward needs working memory beyond what was saved. Ordinary backward: a few tensors of
   the stream's size (``STREAM_TEMPORARIES``: gradients flowing back, the op's output
   gradient) and one parameter's gradient, computed whole before it is added to ``.grad``.
@@ -38,6 +40,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from revcompile.passes.couplings import Coupling, RevViT, StreamArithmetic
 from revcompile.passes.graph_view import module_path, tensor_bytes
 from revcompile.passes.plan import Plan
 from revcompile.passes.rewrite import SegmentCall, SegmentProgram
@@ -108,10 +111,6 @@ class PredictionFailed(RuntimeError):
     """The graph could not be interpreted on fake tensors (data-dependent shapes, say)."""
 
 
-def _fuse(y1: torch.Tensor, y2: torch.Tensor, fusion: str) -> torch.Tensor:
-    return (y1 + y2) / 2 if fusion == "mean" else y1 + y2
-
-
 class _SavedLedger:
     """Storages saved for backward, each owned by the first node that saves it; parameters never count."""
 
@@ -142,13 +141,13 @@ class _SavedLedger:
 
 
 class _ReversibleStandIn(torch.autograd.Function):
-    """What a reversible segment keeps for backward: its two output streams and side inputs."""
+    """What a reversible segment keeps for backward: its final streams, side inputs and residues."""
 
     @staticmethod
-    def forward(ctx, run_blocks, fusion: str, x: torch.Tensor, *side):
-        y1, y2 = run_blocks(x, side)
-        ctx.save_for_backward(y1, y2, *(s for s in side if isinstance(s, torch.Tensor)))
-        return _fuse(y1, y2, fusion).to(x.dtype)
+    def forward(ctx, run_blocks, x: torch.Tensor, *side):
+        out, kept = run_blocks(x, side)
+        ctx.save_for_backward(*kept, *(s for s in side if isinstance(s, torch.Tensor)))
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # never run: only the forward's bookkeeping matters here
@@ -183,7 +182,7 @@ class _SegmentLog:
     recompute_bytes: int = 0  # the largest branch's saved tensors when recomputed
 
 
-def _segment_stand_in(program: SegmentProgram, root: nn.Module, parameter_storages: set, log: _SegmentLog, stream_dtype):
+def _segment_stand_in(program: SegmentProgram, root: nn.Module, parameter_storages: set, log: _SegmentLog, coupling: Coupling, streams: str):
     branches = [(fx.GraphModule(root, b.f.graph), b.f, fx.GraphModule(root, b.g.graph), b.g) for b in program.blocks]
 
     def recompute(gm: fx.GraphModule, branch, stream: torch.Tensor, side: tuple) -> torch.Tensor:
@@ -195,16 +194,15 @@ def _segment_stand_in(program: SegmentProgram, root: nn.Module, parameter_storag
         return out.detach()
 
     def run_blocks(x: torch.Tensor, side: tuple):
-        # the streams are kept in the runtime's stream dtype; branches run in the model's
-        x1 = x2 = x.to(stream_dtype(x.dtype) or x.dtype)
-        log.stream_bytes = max(log.stream_bytes, tensor_bytes(x1))
-        for f_gm, f, g_gm, g in branches:
-            y1 = x1 + recompute(f_gm, f, x2.to(x.dtype), side)
-            y2 = x2 + recompute(g_gm, g, y1.to(x.dtype), side)
-            x1, x2 = y1, y2
-        return x1, x2
+        # the streams are kept as the runtime keeps them; branches run in the model's precision
+        arith = StreamArithmetic(streams, x.dtype)
+        steps = [lambda s, gm=gm, b=b: recompute(gm, b, s, side) for f_gm, f, g_gm, g in branches for gm, b in ((f_gm, f), (g_gm, g))]
+        prev, cur, residues = coupling.run(arith, x, steps)
+        log.stream_bytes = max(log.stream_bytes, tensor_bytes(cur))
+        kept = [prev, cur] + ([r for r in residues if r is not None] if coupling.saves_per_step else [])
+        return coupling.leave(arith, prev, cur), kept
 
-    return lambda x, *side: _ReversibleStandIn.apply(run_blocks, program.fusion, x, *side)
+    return lambda x, *side: _ReversibleStandIn.apply(run_blocks, x, *side)
 
 
 @dataclass(frozen=True)
@@ -217,7 +215,7 @@ class _Run:
     recompute_bytes: int
 
 
-def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, inputs: Sequence, stream_dtype) -> _Run:
+def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, inputs: Sequence, coupling: Coupling, streams: str) -> _Run:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -228,7 +226,7 @@ def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, 
     devices = sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
     with torch.random.fork_rng(devices=devices), mode, _reparametrize_module(root, {**parameters, **buffers}):
         fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-        stand_ins = {p.index: _segment_stand_in(p, root, parameter_storages, log, stream_dtype) for p, log in zip(segments, logs)}
+        stand_ins = {p.index: _segment_stand_in(p, root, parameter_storages, log, coupling, streams) for p, log in zip(segments, logs)}
         ledgers = []
         for graph in (original, rewritten):
             ledger = _SavedLedger(parameter_storages)
@@ -314,7 +312,8 @@ def predict_activation_memory(
     segments: Sequence[SegmentProgram],
     inputs_for_batch: Callable[[int], Sequence],
     batches: Sequence[int],
-    stream_dtype: Callable[[torch.dtype], torch.dtype | None] = lambda dtype: None,
+    coupling: Coupling = RevViT(),
+    streams: str = "model",
 ) -> MemoryPrediction:
     """Predict saved-for-backward and backward-transient bytes, per part, as lines in the batch size.
 
@@ -323,14 +322,14 @@ def predict_activation_memory(
     the graphs' placeholder values (non-specialised ones, in order) for batch size ``b``.
     The graphs are interpreted at each of ``batches`` (two give the fit; a batch that fails
     to interpret, say because the trace specialised the batch size, is dropped).
-    ``stream_dtype(model_dtype)`` is the dtype the runtime keeps a segment's two streams in
-    (None: the model's own). Raises ``PredictionFailed`` if no batch size can be interpreted.
+    ``coupling`` and ``streams`` are the converted model's (``convert(..., coupling=,
+    streams=)``): they decide what a segment keeps. Raises ``PredictionFailed`` if no batch size can be interpreted.
     """
     runs: list[tuple[int, _Run]] = []
     failures: list[str] = []
     for batch in batches:
         try:
-            runs.append((batch, _run_at(root, original, rewritten, segments, inputs_for_batch(batch), stream_dtype)))
+            runs.append((batch, _run_at(root, original, rewritten, segments, inputs_for_batch(batch), coupling, streams)))
         except Exception as err:  # noqa: BLE001 -- any failure of the fake run is reported, not raised
             failures.append(f"batch {batch}: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}")
     if not runs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Branch", "Residual", "COUPLINGS", "Block", "Segment", "Skipped", "Plan", "require_choice"]
+__all__ = ["Branch", "Residual", "BLOCK_FORMS", "Block", "Segment", "Skipped", "Plan", "require_choice"]
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,9 @@ class Residual:
         return "parallel" if self.parallel else self.branch.kind
 
 
-# How a block's residuals map onto the coupling Y1 = X1 + F(X2), Y2 = X2 + G(Y1).
-COUPLINGS = {
+# How a block's residuals map onto its two branches F and G (what the coupling then does
+# with F and G is revcompile.passes.couplings').
+BLOCK_FORMS = {
     "sequential": "x + attn(x), then + mlp(.): F = the attention branch, G = the MLP branch",
     "decoder": "self- and cross-attention residuals, then MLP: F(x) = sa(x) + ca(x + sa(x)), G = MLP",
     "parallel": "x + attn(x) + mlp(x): F = the attention part, G = the MLP part",
@@ -80,7 +81,7 @@ class Block:
     input: str
     output: str
     residuals: tuple[str, ...]
-    coupling: str  # a key of COUPLINGS
+    form: str  # a key of BLOCK_FORMS
     f: Branch
     g: Branch
     replaces: tuple[str, ...] = ()  # every node of the traced graph the block takes over
@@ -149,7 +150,7 @@ class Plan:
         ]
         for seg in self.segments:
             side = ", ".join(seg.side_inputs) or "none"
-            kinds = sorted({b.coupling for b in seg.blocks} - {"sequential"})
+            kinds = sorted({b.form for b in seg.blocks} - {"sequential"})
             kinds += ["post-norm moved into branches"] if any(b.post_norm_moved for b in seg.blocks) else []
             how = f", {', '.join(kinds)}" if kinds else ""
             lines.append(

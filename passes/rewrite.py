@@ -13,31 +13,23 @@ The inserted call's target is a ``SegmentCall`` marker: the graph stays a pure c
 artifact that can be printed, drawn and bound to a module later. Binding (in
 ``revcompile.runtime``) swaps each marker for an executable segment.
 
-The coupling that the segment computes is fixed here, as part of the architecture:
-streams start as ``X1 = X2 = x``; block ``i`` computes ``Y1 = X1 + F_i(X2)`` and
-``Y2 = X2 + G_i(Y1)``; the segment returns ``fuse(Y1, Y2)`` with ``fusion`` one of
-``FUSIONS`` (both streams have the model's width, so the model's own final norm and head
-still fit).
+What the segment computes with its branches -- the coupling -- is not decided here: the
+rewritten graph is the same for every coupling in ``revcompile.passes.couplings``, which
+the runtime applies to the branch programs.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
 
 from revcompile.passes.graph_view import shape_key
-from revcompile.passes.plan import Branch, Plan, Segment, require_choice
+from revcompile.passes.plan import Branch, Plan, Segment
 
-__all__ = ["FUSIONS", "SegmentCall", "BranchProgram", "BlockProgram", "SegmentProgram", "RewriteResult", "rewrite_reversible"]
-
-# How the two streams leave a segment as one tensor of the original width.
-FUSIONS = {
-    "mean": "(Y1 + Y2) / 2: both streams, at the scale of one (default)",
-    "sum": "Y1 + Y2: both streams, at twice the scale of one",
-}
-
+__all__ = ["SegmentCall", "BranchProgram", "BlockProgram", "SegmentProgram", "RewriteResult", "rewrite_reversible"]
 
 @dataclass(frozen=True)
 class SegmentCall:
@@ -80,7 +72,6 @@ class SegmentProgram:
     name: str
     blocks: tuple[BlockProgram, ...]
     side_inputs: tuple[str, ...]
-    fusion: str
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -137,7 +128,7 @@ def _extract_branch(nodes: dict[str, fx.Node], branch: Branch, side_inputs: tupl
     )
 
 
-def _segment_program(nodes: dict[str, fx.Node], segment: Segment, fusion: str) -> SegmentProgram:
+def _segment_program(nodes: dict[str, fx.Node], segment: Segment) -> SegmentProgram:
     layout = shape_key(nodes[segment.input])
     blocks = tuple(
         BlockProgram(
@@ -147,22 +138,22 @@ def _segment_program(nodes: dict[str, fx.Node], segment: Segment, fusion: str) -
         )
         for block in segment.blocks
     )
-    return SegmentProgram(segment.index, segment.name, blocks, segment.side_inputs, fusion)
+    return SegmentProgram(segment.index, segment.name, blocks, segment.side_inputs)
 
 
 def _segment_nodes(nodes: dict[str, fx.Node], segment: Segment) -> list[fx.Node]:
     return [nodes[n] for block in segment.blocks for n in block.replaces]
 
 
-def rewrite_reversible(gm: fx.GraphModule, plan: Plan, fusion: str = "mean") -> RewriteResult:
-    """Rewrite ``gm`` in place so that each segment of ``plan`` is one ``SegmentCall``."""
-    require_choice("fusion", fusion, FUSIONS)
+def rewrite_reversible(gm: fx.GraphModule, plan: Plan) -> RewriteResult:
+    """A copy of ``gm`` in which each segment of ``plan`` is one ``SegmentCall``; ``gm`` is left as it was."""
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     order = {n: i for i, n in enumerate(graph.nodes)}
     # Extract every program before touching the graph: a segment's input may be the
     # output of the segment before it, which the rewrite replaces.
-    programs = [_segment_program(nodes, segment, fusion) for segment in plan.segments]
+    programs = [_segment_program(nodes, segment) for segment in plan.segments]
     replaced: dict[fx.Node, fx.Node] = {}
     for segment in plan.segments:
         output = nodes[segment.output]

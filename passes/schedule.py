@@ -53,6 +53,7 @@ __all__ = [
     "graph_value",
     "grad_value",
     "side_value",
+    "saved_value",
 ]
 
 RECOMPUTE, GRAD = "recompute", "grad"
@@ -89,6 +90,11 @@ def side_value(j: int) -> str:
     return f"side{j}"
 
 
+def saved_value(name: str, i: int) -> str:
+    """What the forward kept for block ``i``'s inverse besides the streams (a coupling's ``saves_per_step``)."""
+    return f"{name}{i}"
+
+
 @dataclass(frozen=True)
 class _BlockAccess:
     name: str
@@ -117,16 +123,18 @@ def _block_accesses(segment) -> tuple[_BlockAccess, ...]:
     )
 
 
-def _accesses(blocks: tuple[_BlockAccess, ...]) -> tuple[dict, dict]:
-    reads, writes = {}, {}
+def _accesses(blocks: tuple[_BlockAccess, ...], saves_per_step: tuple[str, ...] = ()) -> tuple[dict, dict, frozenset]:
+    """What each step reads and writes, and the gradient accumulators among those values."""
+    reads, writes, all_accumulators = {}, {}, set()
     for i, block in enumerate(blocks):
-        sides = {side_value(j) for j in block.side_inputs}
+        sides = {side_value(j) for j in block.side_inputs} | {saved_value(name, i) for name in saves_per_step}
         accumulators = {grad_value(p) for p in block.parameters} | {grad_value(side_value(j)) for j in block.side_inputs}
+        all_accumulators |= accumulators
         reads[(RECOMPUTE, i)] = frozenset({streams_value(i)} | sides)
         writes[(RECOMPUTE, i)] = frozenset({streams_value(i - 1), graph_value(i)})
         reads[(GRAD, i)] = frozenset({graph_value(i), cotangent_value(i)} | accumulators)
         writes[(GRAD, i)] = frozenset({cotangent_value(i - 1)} | accumulators)
-    return reads, writes
+    return reads, writes, frozenset(all_accumulators)
 
 
 def _sequential_order(depth: int) -> list[Step]:
@@ -347,18 +355,20 @@ def _groups(stages: list[tuple[Step, ...]], streams: dict) -> list[tuple[Step, .
     return groups
 
 
-def schedule_backward(segment, *, streams: int = 2) -> BackwardProgram:
+def schedule_backward(segment, *, streams: int = 2, coupling=None) -> BackwardProgram:
     """The backward program of a segment: a depth, a ``SegmentProgram`` or a plan ``Segment``.
 
     ``streams=1`` is the sequential reversible backward (one block graph alive);
     ``streams=2`` overlaps ``grad i`` with ``recompute i-1`` (PaReprop), with at most two
-    block graphs alive. The result has passed ``check_program``.
+    block graphs alive. ``coupling`` (a ``revcompile.passes.couplings.Coupling``) declares
+    what each block's recompute reads besides the streams (``saves_per_step``: the dual
+    coupling's residues). The result has passed ``check_program``.
     """
     if streams < 1:
         raise ValueError(f"streams must be at least 1, got {streams}")
     blocks = _block_accesses(segment)
     depth = len(blocks)
-    reads, writes = _accesses(blocks)
+    reads, writes, accumulators = _accesses(blocks, coupling.saves_per_step if coupling is not None else ())
     graph = _dependency_graph(depth, reads, writes)
     stages = _stages(graph, streams, live_limit=streams)
     colours = _colour(stages)
@@ -373,14 +383,14 @@ def schedule_backward(segment, *, streams: int = 2) -> BackwardProgram:
         Independence.prove(graph, a, b, reach) for group in groups if colours[group[0]] != colours[group[-1]]
         for a, b in itertools.combinations(group, 2)
     )
-    side_inputs = {v for r in reads.values() for v in r if v.startswith("side")}
+    written = {v for w in writes.values() for v in w}
     program = BackwardProgram(
         blocks=tuple(b.name for b in blocks),
         graph=graph,
         reads=MappingProxyType(reads),
         writes=MappingProxyType(writes),
-        inputs=frozenset({streams_value(depth - 1), cotangent_value(depth - 1)} | side_inputs),
-        outputs=frozenset({cotangent_value(-1)} | {v for w in writes.values() for v in w if v.startswith("grad:")}),
+        inputs=frozenset(v for r in reads.values() for v in r if v not in written),
+        outputs=frozenset({cotangent_value(-1)} | accumulators),
         order=tuple(step for group in groups for step in group),
         groups=tuple(groups),
         streams=MappingProxyType(colours),
@@ -423,13 +433,21 @@ def _happens_before(program: BackwardProgram) -> nx.DiGraph:
 
 def check_program(program: BackwardProgram) -> None:
     """Raise ``ScheduleError`` unless ``program`` is safe to run as the executor runs it."""
+    _check_order_and_streams(program)
+    _check_concurrency(program)
+    peak = _peak_live_graphs(program.groups)
+    if peak > program.live_graphs:
+        raise ScheduleError(f"{peak} block graphs alive at once, more than the bound of {program.live_graphs}")
+
+
+def _check_order_and_streams(program: BackwardProgram) -> None:
+    """Every step once, in a topological order; a grad on the stream that rebuilt its graph."""
     graph, order, streams = program.graph, program.order, program.streams
     if len(set(order)) != len(order) or set(order) != set(graph.nodes):
         raise ScheduleError(f"the order must run every step exactly once; got {[step_name(s) for s in order]}")
     if tuple(s for g in program.groups for s in g) != order:
         raise ScheduleError("the groups, in turn, must be the order")
     position = {step: k for k, step in enumerate(order)}
-    group_of = {step: k for k, group in enumerate(program.groups) for step in group}
     for u, v in graph.edges:
         if position[u] >= position[v]:
             raise ScheduleError(f"not a topological order: {step_name(v)} runs before {step_name(u)}, which it depends on")
@@ -439,6 +457,12 @@ def check_program(program: BackwardProgram) -> None:
                 f"{step_name(step)} runs on s{streams[step]} but block {step[1]}'s graph was rebuilt on "
                 f"s{streams[(RECOMPUTE, step[1])]}: autograd would run its backward ops on the other stream"
             )
+
+
+def _check_concurrency(program: BackwardProgram) -> None:
+    """Concurrent steps are proven independent, and every dependency is ordered on the device."""
+    graph, streams = program.graph, program.streams
+    group_of = {step: k for k, group in enumerate(program.groups) for step in group}
     for group in program.groups:
         fused = len(group) == 2 and group[0][0] == RECOMPUTE and group[1] == (GRAD, group[0][1])
         if fused:
@@ -461,6 +485,3 @@ def check_program(program: BackwardProgram) -> None:
                 f"{step_name(v)} (s{streams[v]}) depends on {step_name(u)} (s{streams[u]}) but nothing orders them "
                 "on the device: a wait is missing"
             )
-    peak = _peak_live_graphs(program.groups)
-    if peak > program.live_graphs:
-        raise ScheduleError(f"{peak} block graphs alive at once, more than the bound of {program.live_graphs}")

@@ -4,6 +4,7 @@
     revcompile.explain(converted)            # what became reversible, what did not and why
     revcompile.set_backward(converted, "autograd")   # the stored-activation reference
     revcompile.set_backward(converted, "parallel")   # two-stream backward on CUDA (PaReprop)
+    revcompile.convert(model, inputs, coupling="dual")  # keeps a pretrained model's function (fine-tuning)
     print(revcompile.backward_program(converted))    # its steps, streams, waits and proofs
     revcompile.verify(converted, example_inputs)     # gradients equal that reference?
     revcompile.memory_report(model, example_inputs)  # memory saved: measured, predicted, largest batch
@@ -12,13 +13,16 @@
 See docs/design.md for the pipeline and docs/usage.md for a walk-through.
 """
 
+from revcompile import api
 from revcompile.api import (
     backward_program,
+    beta_schedule,
     convert,
     explain,
     find_converted,
     reconstruction_report,
     set_backward,
+    set_coefficients,
     unconvert,
 )
 from revcompile.converted import ReversibleModel
@@ -29,18 +33,12 @@ from revcompile.show import draw
 from revcompile.verify import VerifyReport, verify
 
 __all__ = [
-    "convert",
-    "explain",
-    "set_backward",
-    "backward_program",
-    "reconstruction_report",
-    "unconvert",
+    *api.__all__,
     "verify",
     "VerifyReport",
     "memory_report",
     "MemoryReport",
     "draw",
-    "find_converted",
     "ReversibleModel",
     "ConversionError",
     "BACKWARD_MODES",

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from revcompile.passes.detect import POST_NORM
 from revcompile.passes.plan import Plan, require_choice
-from revcompile.passes.rewrite import FUSIONS
+from revcompile.passes.couplings import STREAM_PRECISIONS, Coupling, DualResidual, make_coupling
 from revcompile.passes.schedule import BackwardProgram
 from revcompile.converted import ReversibleModel
+from revcompile.distance import function_distance
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS, bind_call, training_defaults
 from revcompile.inputs import check_example_inputs
-from revcompile.runtime import BACKWARD_MODES, STREAM_PRECISIONS, ReconstructionDrift
+from revcompile.runtime import BACKWARD_MODES, ReconstructionDrift
 
 __all__ = [
     "convert",
     "explain",
     "set_backward",
+    "set_coefficients",
+    "beta_schedule",
     "backward_program",
     "reconstruction_report",
     "unconvert",
@@ -31,6 +36,9 @@ def convert(
     example_kwargs: dict | None = None,
     *,
     tracer: str = "auto",
+    coupling: str = "revvit",
+    beta: float | None = None,
+    alpha: float | None = None,
     fusion: str = "mean",
     post_norm: str = "skip",
     streams: str = "exact",
@@ -41,13 +49,19 @@ def convert(
     ``example_inputs`` (a tuple of positional arguments, or a single tensor) and
     ``example_kwargs`` are one call as the model will be called in training. The returned
     module shares ``model``'s parameters (no copies), has the same ``state_dict`` keys, is
-    called like ``model`` and returns the same output structure. Its blocks compute the
-    Rev-ViT coupling ``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)`` -- a different function from
-    the original with the same parameters -- and its backward reconstructs activations
-    instead of storing them.
+    called like ``model`` and returns the same output structure. Its backward reconstructs
+    activations instead of storing them. What its blocks compute is the ``coupling``:
+
+    * ``"revvit"`` (default): ``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)``, the two streams fused
+      at the end (``fusion``: ``"mean"`` or ``"sum"``) -- a different function from the
+      original with the same parameters: train it or fine-tune it as a new architecture.
+    * ``"dual"``: ``x_{i+1} = alpha*x_i + F_i(x_i) + beta*x_{i-1}`` for every residual
+      sublayer, ``beta = 2**-k`` (default ``2**-8``), ``alpha=None`` meaning ``1 - beta``:
+      within ~``beta`` of the original function, so pretrained weights keep their meaning
+      (fine-tuning); exact at every ``k`` by keeping ``k`` remainder bits per stream element
+      and step. ``set_coefficients`` changes ``alpha``/``beta`` between steps.
 
     ``tracer``: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
-    ``fusion``: how a segment's two streams become one tensor: one of ``FUSIONS``.
     ``post_norm``: ``"skip"`` leaves post-norm blocks (BERT: ``norm(x + f(x))``) as they are;
     ``"move"`` converts them with each such norm moved into the branch after it.
     ``streams``: how the two coupled streams are kept while the branches run in the model's
@@ -63,10 +77,11 @@ def convert(
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, ReversibleModel):
         raise ConversionError("this model is already converted; call revcompile.unconvert(model) to get the original")
-    options = {"tracer": (tracer, TRACERS), "fusion": (fusion, FUSIONS), "post_norm": (post_norm, POST_NORM),
-               "streams": (streams, STREAM_PRECISIONS)}
+    options = {"tracer": (tracer, TRACERS), "post_norm": (post_norm, POST_NORM), "streams": (streams, STREAM_PRECISIONS)}
     for option, (value, choices) in options.items():
         require_choice(option, value, choices)
+    chosen = make_coupling(coupling, fusion=fusion, beta=beta, alpha=alpha)
+    chosen.check(streams)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     try:
@@ -76,9 +91,11 @@ def convert(
             f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
         ) from None
     converted = ReversibleModel(
-        model, tracer=tracer, fusion=fusion, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction
+        model, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction
     )
     converted.compile_for(args, kwargs)
+    if isinstance(chosen, DualResidual):  # a pretrained model's user needs this before fine-tuning
+        converted.__dict__["_rc_distance"] = function_distance(model, converted, args, kwargs)
     return converted
 
 
@@ -95,8 +112,27 @@ def _the_converted(module: nn.Module) -> ReversibleModel:
 
 
 def explain(module: nn.Module) -> Plan:
-    """What was converted: ``.segments``, ``.blocks``, ``.skipped`` (with ``.reason``), ``.tracer``."""
-    return _the_converted(module).reversible_plan
+    """What was converted: ``.segments``, ``.blocks``, ``.skipped`` (with ``.reason``), ``.tracer``.
+
+    Its notes name the coupling (with ``alpha``, ``beta`` and the residue bytes of the dual
+    coupling) and, for the dual coupling, the function distance measured at conversion.
+    """
+    converted = _the_converted(module)
+    return replace(converted.reversible_plan, notes=converted.reversible_plan.notes + _coupling_notes(converted))
+
+
+def _coupling_notes(converted: ReversibleModel) -> tuple[str, ...]:
+    coupling = converted.reversible_settings.coupling
+    notes = [f"coupling: {coupling.label()}"]
+    if coupling.saves_per_step:
+        notes.append(
+            f"each step keeps {coupling.k} remainder bits per stream element, packed "
+            f"({coupling.residue_bytes(8) / 8:g} bytes per element and step)"
+        )
+    distance = converted.__dict__.get("_rc_distance")
+    if distance is not None:
+        notes.append(f"function distance at conversion (eval mode, example inputs): {distance}")
+    return tuple(notes)
 
 
 def set_backward(module: nn.Module, mode: str) -> None:
@@ -107,6 +143,43 @@ def set_backward(module: nn.Module, mode: str) -> None:
         raise ValueError(f"{type(module).__name__} contains no model converted by revcompile.convert")
     for converted in found:
         converted.reversible_settings.mode = mode
+
+
+def set_coefficients(module: nn.Module, *, alpha: float | None = None, beta: float | None = None) -> Coupling:
+    """Change a dual-residual model's ``alpha``/``beta`` between training steps (a Dr2Net schedule).
+
+    ``beta`` must be a power of two ``2**-k``; ``alpha=None`` means ``1 - beta``. Omitting
+    ``beta`` keeps the current one. Exactness is kept: a backward inverts with the
+    coefficients its forward used. Returns the new coupling.
+    """
+    found = find_converted(module)
+    if not found:
+        raise ValueError(f"{type(module).__name__} contains no model converted by revcompile.convert")
+    current = found[0].reversible_settings.coupling
+    if not isinstance(current, DualResidual):
+        raise ValueError(
+            f"set_coefficients changes the coefficients of coupling='dual'; this model uses {current.label()}. "
+            "Convert with revcompile.convert(model, inputs, coupling='dual', beta=...)."
+        )
+    updated = DualResidual(current.beta if beta is None else beta, alpha)
+    for converted in found:
+        converted.reversible_settings.coupling = updated
+    return updated
+
+
+def beta_schedule(step: int, total_steps: int, *, start: float = 2.0**-8, end: float = 2.0**-2) -> float:
+    """A Dr2Net-style schedule: beta from ``start`` to ``end`` over training, in powers of two.
+
+    ``k`` (``beta = 2**-k``) moves linearly from ``start``'s to ``end``'s exponent, so the
+    model starts close to the pretrained function and ends more reversible-like. Use it as
+    ``revcompile.set_coefficients(model, beta=revcompile.beta_schedule(step, total))``
+    before each step (a call that keeps beta is cheap).
+    """
+    if total_steps < 1 or not 0 <= step:
+        raise ValueError(f"need 0 <= step and total_steps >= 1, got step={step}, total_steps={total_steps}")
+    first, last = (DualResidual(b).k for b in (start, end))
+    fraction = min(step / max(total_steps - 1, 1), 1.0)
+    return 2.0 ** -round(first + (last - first) * fraction)
 
 
 def backward_program(module: nn.Module, segment: int = 0, *, mode: str = "parallel") -> BackwardProgram:
@@ -122,7 +195,7 @@ def backward_program(module: nn.Module, segment: int = 0, *, mode: str = "parall
     segments = converted.reversible_variants[0].segments
     if not 0 <= segment < len(segments):
         raise IndexError(f"segment must be in 0..{len(segments) - 1}, got {segment}")
-    return segments[segment].backward_program(mode)
+    return segments[segment].backward_program(mode, converted.reversible_settings.coupling)
 
 
 def unconvert(module: nn.Module) -> nn.Module:

@@ -29,6 +29,7 @@ from revcompile.passes.rewrite import SegmentCall
 from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, bind_call, training_defaults
 from revcompile.pipeline import CompiledVariant, compile_variant
+from revcompile.passes.couplings import Coupling
 from revcompile.runtime import ReversibleSegment, RuntimeSettings, bind_graph
 
 __all__ = ["ReversibleModel"]
@@ -89,7 +90,7 @@ class ReversibleModel(nn.Module):
         original: nn.Module,
         *,
         tracer: str,
-        fusion: str,
+        coupling: Coupling,
         post_norm: str = "skip",
         streams: str = "exact",
         check_reconstruction: bool = False,
@@ -103,9 +104,10 @@ class ReversibleModel(nn.Module):
         state = self.__dict__
         state["_rc_original"] = original
         state["_rc_tracer"] = tracer
-        state["_rc_fusion"] = fusion
         state["_rc_post_norm"] = post_norm
-        state["_rc_settings"] = RuntimeSettings(streams=streams, check_reconstruction=check_reconstruction)
+        state["_rc_settings"] = RuntimeSettings(
+            streams=streams, coupling=coupling, check_reconstruction=check_reconstruction
+        )
         state["_rc_variants"] = {}
         state["_rc_plan"] = None  # the first variant's plan: every later variant must match it
         state["_rc_tracer_used"] = None
@@ -131,7 +133,7 @@ class ReversibleModel(nn.Module):
         self._sync_original()
         expected = self._rc_plan
         compiled = compile_variant(
-            self._rc_original, call, tracer=self._rc_tracer_used or self._rc_tracer, fusion=self._rc_fusion,
+            self._rc_original, call, tracer=self._rc_tracer_used or self._rc_tracer,
             training=self.training, post_norm=self._rc_post_norm, require_blocks=expected is None,
         )
         if expected is not None and compiled.plan.signature() != expected.signature():
@@ -237,5 +239,5 @@ class ReversibleModel(nn.Module):
             return "not compiled"
         return (
             f"original={type(self._rc_original).__name__}, blocks={len(plan.blocks)}, segments={len(plan.segments)}, "
-            f"tracer={plan.tracer}, fusion={self._rc_fusion!r}, backward={self._rc_settings.mode!r}"
+            f"tracer={plan.tracer}, coupling={self._rc_settings.coupling.label()!r}, backward={self._rc_settings.mode!r}"
         )

@@ -91,7 +91,13 @@ def training_defaults(model: nn.Module, kwargs: dict) -> dict:
     the attention branch's values escape it; training does not use it.
     """
     params = _forward_signature(model).parameters
-    if "use_cache" in params and "use_cache" not in kwargs:
+    if "use_cache" in kwargs:
+        return {}
+    if "use_cache" in params:
+        return {"use_cache": False}
+    # a wrapper that passes **kwargs on (peft's PeftModel) around a model with a cache
+    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if passes_on and hasattr(getattr(model, "config", None), "use_cache"):
         return {"use_cache": False}
     return {}
 

@@ -93,7 +93,6 @@ def compile_variant(
     call: CallSignature,
     *,
     tracer: str,
-    fusion: str,
     training: bool,
     post_norm: str = "skip",
     require_blocks: bool = True,
@@ -140,7 +139,7 @@ def compile_variant(
     constants = _lift_constants(trace, model)
     traced_graph = fx.Graph()
     traced_graph.output(traced_graph.graph_copy(trace.graph_module.graph, {}))
-    result = rewrite_reversible(trace.graph_module, plan, fusion)
+    result = rewrite_reversible(trace.graph_module, plan)
     return CompiledVariant(
         tracer=trace.tracer,
         plan=plan,

@@ -20,7 +20,6 @@ questions:
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import asdict, dataclass
 
@@ -45,7 +44,6 @@ from revcompile.budget import (
     training_state,
 )
 from revcompile.measure import HeapPeak, saved_for_backward
-from revcompile.runtime import stream_dtype
 
 __all__ = ["StepMeasurement", "MemoryReport", "measure_step", "predict", "memory_report", "ReportError"]
 
@@ -243,7 +241,8 @@ def predict(converted: nn.Module, args: tuple, kwargs: dict, avoid_batch: int) -
         return predict_activation_memory(
             converted, compiled.traced_graph, compiled.graph, compiled.plan, compiled.segments,
             lambda b: _at_batch(inputs, avoid_batch, b), batches,
-            stream_dtype=functools.partial(stream_dtype, converted.reversible_settings.streams),
+            coupling=converted.reversible_settings.coupling,
+            streams=converted.reversible_settings.streams,
         )
 
     try:

@@ -10,7 +10,8 @@ import torch
 
 import revcompile
 import revcompile.executor as runtime_streams
-import revcompile.runtime as runtime
+import revcompile.runtime.segment as runtime
+from revcompile.runtime.auto import AutoChoice
 from revcompile.reference import example_inputs, reference_vit
 from tests.conftest import (
     assert_gradients_match,
@@ -170,12 +171,12 @@ def test_cuda_auto_decides_and_stays_exact():
     model, x = _cuda_vit(4)
     converted = revcompile.convert(model, x)
     revcompile.set_backward(converted, "auto")
-    for _ in range(2 * (1 + runtime._AutoChoice.TRIALS) + 1):
+    for _ in range(2 * (1 + AutoChoice.TRIALS) + 1):
         converted(x).sum().backward()
     (segment,) = converted.reversible_variants[0].segments
     (choice,) = segment.auto_choices.values()
     assert choice.choice in ("reversible", "parallel")
-    assert all(len(times) == 1 + runtime._AutoChoice.TRIALS for times in choice.times.values())
+    assert all(len(times) == 1 + AutoChoice.TRIALS for times in choice.times.values())
     assert_gradients_match(converted, (x,), tol=1e-4, mode="auto")
 
 

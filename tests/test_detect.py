@@ -39,7 +39,7 @@ def test_hidden_state_tap_ends_the_segment():
 
 def test_parallel_residual_becomes_one_block_with_two_parts():
     plan = plan_of(B.sequential(B.ParallelBlock(), B.ParallelBlock()), B.tokens())
-    assert [b.coupling for b in plan.blocks] == ["parallel", "parallel"]
+    assert [b.form for b in plan.blocks] == ["parallel", "parallel"]
     assert len(plan.segments) == 1 and plan.skipped == ()
     block = plan.blocks[0]
     assert block.f.kind == "attention" and block.g.kind == "mlp"
@@ -92,7 +92,7 @@ def test_self_and_cross_attention_form_one_decoder_block():
             return x
 
     plan = plan_of(Decoder(), B.tokens(), B.tokens(length=7))
-    assert [b.coupling for b in plan.blocks] == ["decoder", "decoder"]
+    assert [b.form for b in plan.blocks] == ["decoder", "decoder"]
     assert len(plan.segments) == 1 and plan.skipped == ()
     block = plan.blocks[0]
     assert len(block.f.outputs) == 2  # F = self-attention + cross-attention

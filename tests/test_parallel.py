@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import revcompile
-import revcompile.runtime as runtime
+import revcompile.runtime.segment as runtime
+from revcompile.runtime.auto import AutoChoice
 from revcompile.passes.schedule import (
     GRAD,
     RECOMPUTE,
@@ -94,7 +95,7 @@ def test_auto_runs_the_sequential_program_on_cpu(monkeypatch):
 
 def test_auto_keeps_parallel_only_when_clearly_faster():
     def decide(reversible_ms, parallel_ms):
-        choice = runtime._AutoChoice()
+        choice = AutoChoice()
         choice.plan = []
         choice.times = {"reversible": [99.0] + reversible_ms, "parallel": [99.0] + parallel_ms}  # first: warm-up
         return choice.next_mode()
@@ -339,5 +340,5 @@ def test_parallel_keeps_at_most_one_more_block_graph_alive(monkeypatch):
     order = tuple((RECOMPUTE, i) for i in reversed(range(depth))) + tuple((GRAD, i) for i in reversed(range(depth)))
     greedy = dataclasses.replace(program, order=order, groups=tuple((s,) for s in order), live_graphs=depth)
     check_program(greedy)
-    monkeypatch.setattr(runtime.ReversibleSegment, "backward_program", lambda self, mode: greedy)
+    monkeypatch.setattr(runtime.ReversibleSegment, "backward_program", lambda self, mode, coupling=None: greedy)
     assert _peak_saved(converted, x, "reversible") - sequential > 3 * block_graph

@@ -11,7 +11,8 @@ import torch.fx as fx
 from revcompile.passes.detect import find_reversible_blocks
 from revcompile.passes.normalize import normalize_graph
 from revcompile.passes.patterns import SHAPE_QUERY
-from revcompile.passes.rewrite import FUSIONS, SegmentCall, rewrite_reversible
+from revcompile.passes.couplings import FUSIONS, RevViT
+from revcompile.passes.rewrite import SegmentCall, rewrite_reversible
 from revcompile.frontend import _propagate_fake
 from tests import blocks as B
 
@@ -66,11 +67,22 @@ def test_normalize_keeps_effects_that_look_dead():
     torch.testing.assert_close(gm(x), x * 2 / 4 + 1)
 
 
-def _rewritten(model, x, fusion="mean"):
+def _rewritten(model, x):
     gm = _traced(model, x)
     normalize_graph(gm)
     plan = find_reversible_blocks(gm)
-    return gm, plan, rewrite_reversible(gm, plan, fusion)
+    result = rewrite_reversible(gm, plan)
+    return result.graph_module, plan, result
+
+
+def test_rewrite_leaves_its_input_graph_as_it_was():
+    gm = _traced(B.TappedStack(depth=4), B.tokens())
+    normalize_graph(gm)
+    plan = find_reversible_blocks(gm)
+    before = gm.code
+    result = rewrite_reversible(gm, plan)
+    assert gm.code == before
+    assert result.graph_module is not gm and result.graph_module.code != before
 
 
 def test_rewrite_replaces_each_segment_by_one_call():
@@ -107,14 +119,14 @@ def test_extracted_branches_compute_the_coupling(fusion):
     torch.manual_seed(0)
     model = B.Stack(depth=3).eval()
     x = B.tokens()
-    gm, plan, result = _rewritten(model, x, fusion)
+    gm, plan, result = _rewritten(model, x)
     program = result.segments[0]
     stream = model.embed(x)
     expected = model.head(_run_coupled(model, program, stream, fusion))
     from revcompile.runtime import ReversibleSegment, RuntimeSettings
 
     # "model" streams: the same float32 arithmetic as the reference loop above.
-    segment = ReversibleSegment(program, model, RuntimeSettings(streams="model"))
+    segment = ReversibleSegment(program, model, RuntimeSettings(streams="model", coupling=RevViT(fusion)))
     for node in gm.graph.nodes:
         if isinstance(node.target, SegmentCall):
             node.target = segment
@@ -123,9 +135,8 @@ def test_extracted_branches_compute_the_coupling(fusion):
 
 
 def test_unknown_fusion_is_rejected():
-    gm = _traced(B.Stack(depth=1), B.tokens())
     with pytest.raises(ValueError, match="fusion"):
-        rewrite_reversible(gm, find_reversible_blocks(gm), "concat")
+        RevViT("concat")
 
 
 def test_segment_marker_cannot_run_unbound():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import revcompile
-import revcompile.runtime as runtime
+import revcompile.runtime.segment as runtime_segment
+import revcompile.runtime.steps as runtime_steps
 from revcompile.reference import example_inputs, reference_vit
 from tests.conftest import (
     assert_gradients_match,
@@ -58,7 +59,7 @@ def test_dropout_masks_are_replayed_not_reseeded(monkeypatch, mode):
     model, x = _vit(3)
     converted = revcompile.convert(model, x)
     reference, _ = gradients(converted, (x,), mode="autograd")
-    monkeypatch.setattr(runtime, "_replayed_rng", lambda state, devices: contextlib.nullcontext())
+    monkeypatch.setattr(runtime_steps, "replayed_rng", lambda state, devices: contextlib.nullcontext())
     broken, _ = gradients(converted, (x,), mode=mode)
     worst = max(relative_error(broken[n], reference[n]) for n in reference if reference[n] is not None)
     assert worst > 1e-3
@@ -193,6 +194,6 @@ def test_recompute_replays_the_forward_autocast_state(monkeypatch):
     replayed = _autocast_gradients(converted, x, "reversible")
     error = max(relative_error(a, b) for a, b in zip(replayed, reference))
     assert error < 2e-2
-    monkeypatch.setattr(runtime, "_autocast_as", lambda state: contextlib.nullcontext())
+    monkeypatch.setattr(runtime_segment, "autocast_as", lambda state: contextlib.nullcontext())
     not_replayed = _autocast_gradients(converted, x, "reversible")
     assert max(relative_error(a, b) for a, b in zip(not_replayed, reference)) > 3 * error

@@ -28,6 +28,7 @@ class Cluster:
     label: str
     style: str  # segment | planned | block | branch_f | branch_g
     children: tuple["Item", ...]
+    segment: int | None = None  # the reversible segment a segment/planned cluster stands for
 
 
 Item = Union[Box, Cluster]
@@ -45,6 +46,7 @@ class Figure:
     title: str
     items: tuple[Item, ...]  # top level, in program order
     edges: tuple[Edge, ...]
+    stream_names: tuple[str, str] = ("X1", "X2")  # the coupling's two streams (the double line)
 
     def walk(self, items=None):
         """Every box and cluster, depth first."""

@@ -1,14 +1,14 @@
 """What the compiler did to a graph, as a picture: the figure of a rewritten (or original) graph.
 
 A user asking "which parts of my model became reversible?" needs the answer in the model's
-own terms, at a size they can read. This pass turns a graph into a ``Figure``: boxes,
+own terms, at a size they can read. This module turns a graph into a ``Figure``: boxes,
 clusters and edges, decided from the graph and the plan, with no geometry yet
 (``revcompile.show.render`` lays it out and writes SVG or DOT; the CLI also prints it as a tree).
 
 * Each reversible segment is a cluster. Collapsed (the default), each block is one box
   naming its F and G branches by the original module names, and consecutive blocks are
-  joined by a double line: the two streams ``X1, X2`` of the coupling. Expanded, each
-  block shows its F and G graphs op by op and the two coupling adds.
+  joined by a double line: the coupling's two streams (``X1, X2`` for Rev-ViT). Expanded,
+  each block shows its F and G graphs op by op and each coupling step's formula.
 * Everything the rewrite left alone is grey. Collapsed, consecutive untouched nodes from
   the same module become one box; stretches between two segments are stage transitions,
   and a residual that was not converted carries its reason.
@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from revcompile.show.figure import Box, Cluster, Edge, Figure, Item
+from revcompile.passes.couplings import Coupling, RevViT
 from revcompile.passes.graph_view import module_path
 from revcompile.passes.plan import Plan
 from revcompile.passes.rewrite import SegmentCall, SegmentProgram
@@ -200,7 +201,7 @@ class _Builder:
                     continue
                 self.edges.append((arg.name, node.name, "data"))
 
-    def figure(self, title: str, extra_edges: Sequence[Edge] = ()) -> Figure:
+    def figure(self, title: str, extra_edges: Sequence[Edge] = (), stream_names: tuple[str, str] = RevViT.stream_names) -> Figure:
         seen: dict[tuple[str, str, str], None] = {}
         for source, target, style in self.edges:
             a, b = self.exit.get(source), self.entry.get(target)
@@ -208,7 +209,7 @@ class _Builder:
                 seen[(a, b, style)] = None
         for edge in extra_edges:
             seen[(edge.source, edge.target, edge.style)] = None
-        return Figure(title, tuple(self.items), tuple(Edge(*key) for key in seen))
+        return Figure(title, tuple(self.items), tuple(Edge(*key) for key in seen), stream_names)
 
 
 def _transitions(nodes: list[fx.Node], is_segment) -> set[str]:
@@ -248,19 +249,19 @@ def _block_box(prefix: str, index: int, block) -> Box:
     return Box(f"{prefix}_b{index}", (block.name, f_line, g_line), "block", "\n".join((*block.f.modules, *block.g.modules)))
 
 
-def _expanded_block(prefix: str, index: int, block, edges: list[Edge]) -> tuple[Cluster, str, str]:
-    """A block op by op: F's graph, ``Y1 = X1 + F(X2)``, G's graph, ``Y2 = X2 + G(Y1)``."""
+def _expanded_block(prefix: str, index: int, block, edges: list[Edge], coupling: Coupling) -> tuple[Cluster, str, str]:
+    """A block op by op: F's graph, F's coupling step (``Y1 = X1 + F(X2)``), G's graph, G's step."""
     bid = f"{prefix}_b{index}"
     children: list[Item] = []
     ends = {}
-    for which, program in (("F", block.f), ("G", block.g)):
+    for step, (which, program) in enumerate((("F", block.f), ("G", block.g))):
         boxes: list[Box] = []
         for node in program.graph.nodes:
             if node.op in ("get_attr", "output"):
                 continue
             box_id = f"{bid}_{which}_{node.name}"
-            if node.op == "placeholder" and not boxes:  # the stream: X2 for F, Y1 for G
-                boxes.append(Box(box_id, ("X2" if which == "F" else "Y1", _shape(node)), "coupling", f"stream input ({node.name})"))
+            if node.op == "placeholder" and not boxes:  # the stream the step reads (Rev-ViT: X2 for F, Y1 for G)
+                boxes.append(Box(box_id, (coupling.step_inputs[step], _shape(node)), "coupling", f"stream input ({node.name})"))
             elif node.op == "placeholder":
                 boxes.append(Box(box_id, (f"{node.name} (side input)", _shape(node)), "side"))
             else:
@@ -271,14 +272,13 @@ def _expanded_block(prefix: str, index: int, block, edges: list[Edge]) -> tuple[
         ends[which] = (boxes[0].id, boxes[-1].id)
         label = f"{which} = {_branch_modules(block.name, program.modules)}"
         children.append(Cluster(f"cluster_{bid}_{which}", label, f"branch_{which.lower()}", tuple(boxes)))
-        coupling = "Y1 = X1 + F(X2)" if which == "F" else "Y2 = X2 + G(Y1)"
-        children.append(Box(f"{bid}_{which}_out", (coupling,), "coupling"))
+        children.append(Box(f"{bid}_{which}_out", (coupling.step_formulas[step],), "coupling"))
         edges.append(Edge(ends[which][1], f"{bid}_{which}_out"))
     edges.append(Edge(f"{bid}_F_out", ends["G"][0]))
     return Cluster(f"cluster_{bid}", block.name, "block", tuple(children)), ends["F"][0], f"{bid}_G_out"
 
 
-def _segment_cluster(program: SegmentProgram, name: str, expand: bool, edges: list[Edge]) -> tuple[Cluster, str, str]:
+def _segment_cluster(program: SegmentProgram, name: str, expand: bool, edges: list[Edge], coupling: Coupling) -> tuple[Cluster, str, str]:
     prefix = f"s{program.index}"
     blocks = list(enumerate(program.blocks))
     if not expand and len(blocks) > ELIDE_ABOVE:
@@ -292,7 +292,7 @@ def _segment_cluster(program: SegmentProgram, name: str, expand: bool, edges: li
             children.append(box)
             ends.append((box.id, box.id))
         elif expand:
-            cluster, entry, exit_ = _expanded_block(prefix, index, block, edges)
+            cluster, entry, exit_ = _expanded_block(prefix, index, block, edges, coupling)
             children.append(cluster)
             ends.append((entry, exit_))
         else:
@@ -300,12 +300,19 @@ def _segment_cluster(program: SegmentProgram, name: str, expand: bool, edges: li
             children.append(box)
             ends.append((box.id, box.id))
     edges.extend(Edge(a[1], b[0], "streams") for a, b in zip(ends, ends[1:]))
-    label = f"reversible segment {program.index}: {name} · {len(program.blocks)} blocks · keeps Y1, Y2 only"
-    return Cluster(f"cluster_{prefix}", label, "segment", tuple(children)), ends[0][0], ends[-1][1]
+    label = f"reversible segment {program.index}: {name} · {len(program.blocks)} blocks · {coupling.keeps()}"
+    return Cluster(f"cluster_{prefix}", label, "segment", tuple(children), program.index), ends[0][0], ends[-1][1]
 
 
-def figure_of_rewritten(graph: fx.Graph, plan: Plan, segments: Sequence[SegmentProgram], *, expand: bool = False, title: str = "") -> Figure:
-    """The rewritten graph: segment clusters, untouched parts grey, side inputs beside them."""
+def figure_of_rewritten(
+    graph: fx.Graph, plan: Plan, segments: Sequence[SegmentProgram], *, expand: bool = False, title: str = "",
+    coupling: Coupling = RevViT(),
+) -> Figure:
+    """The rewritten graph: segment clusters, untouched parts grey, side inputs beside them.
+
+    ``coupling`` is what the segments compute (``convert(..., coupling=)``): it names the
+    streams and, expanded, each step's formula.
+    """
     nodes = [n for n in graph.nodes if _visible(n)]
     by_name = {n.name: n for n in graph.nodes}
     programs = {p.index: p for p in segments}
@@ -326,7 +333,7 @@ def figure_of_rewritten(graph: fx.Graph, plan: Plan, segments: Sequence[SegmentP
             builder.show(group, box.id)
             continue
         program = programs[node.target.index]
-        cluster, entry, exit_ = _segment_cluster(program, plan.segments[program.index].name, expand, extra)
+        cluster, entry, exit_ = _segment_cluster(program, plan.segments[program.index].name, expand, extra, coupling)
         side_nodes = [a for a in node.args[1:] if isinstance(a, fx.Node)]
         if side_nodes:
             side = _side_box(f"s{program.index}", program.index, [a.name for a in side_nodes], by_name)
@@ -340,7 +347,7 @@ def figure_of_rewritten(graph: fx.Graph, plan: Plan, segments: Sequence[SegmentP
         builder.items.append(cluster)
         builder.show([node], entry, exit_)
     builder.connect(nodes, expand, side_args)
-    return builder.figure(title or "after: the rewritten graph", extra)
+    return builder.figure(title or "after: the rewritten graph", extra, coupling.stream_names)
 
 
 # --- the original graph -------------------------------------------------------------------------
@@ -387,7 +394,7 @@ def figure_of_original(graph: fx.Graph, plan: Plan, *, expand: bool = False, tit
         label = f"becomes reversible segment {segment.index}: {segment.name} ({len(segment.blocks)} blocks)"
         # placed at its last op: values computed among the blocks for them (masks) come first
         last = max((position[n.name] for key, own in members.items() if key[0] == segment.index for n in own), default=0)
-        placed.append((last, Cluster(f"cluster_before_s{segment.index}", label, "planned", tuple(children))))
+        placed.append((last, Cluster(f"cluster_before_s{segment.index}", label, "planned", tuple(children), segment.index)))
     builder.items = [item for _, item in sorted(placed, key=lambda p: p[0])]
     builder.connect(nodes, expand)
     return builder.figure(title or "before: the traced graph")

@@ -36,8 +36,9 @@ def _compiled(module: nn.Module):
 
 def figures(module: nn.Module, *, before: bool = False, expand: bool = False) -> list[Figure]:
     """The figures of a converted model: ``[after]``, or ``[before, after]``."""
-    _, compiled = _compiled(module)
-    after = figure_of_rewritten(compiled.graph, compiled.plan, compiled.segments, expand=expand)
+    converted, compiled = _compiled(module)
+    coupling = converted.reversible_settings.coupling
+    after = figure_of_rewritten(compiled.graph, compiled.plan, compiled.segments, expand=expand, coupling=coupling)
     if not before:
         return [after]
     return [figure_of_original(compiled.traced_graph, compiled.plan, expand=expand), after]
@@ -100,7 +101,7 @@ def plan_tree(module: nn.Module, title: str | None = None) -> Tree:
         if isinstance(item, Box):
             root.add(_box_text(item))
             continue
-        segment = plan.segments[int(item.id.rsplit("_s", 1)[1])]
+        segment = plan.segments[item.segment]
         branch = root.add(Text(item.label, style="bold green"))
         for child in item.children:
             branch.add(_box_text(child) if isinstance(child, Box) else Text(child.label))

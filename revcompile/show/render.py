@@ -252,7 +252,11 @@ _LEGEND = (
 )
 
 
-def _legend(x: float, y: float) -> list[str]:
+def _streams_text(figures: list[Figure]) -> str:
+    return "two streams " + ", ".join(figures[-1].stream_names)
+
+
+def _legend(x: float, y: float, streams: str) -> list[str]:
     out = [f'<g class="legend" transform="translate({x:.1f},{y:.1f})">']
     offset = 0.0
     for style, text in _LEGEND:
@@ -263,7 +267,7 @@ def _legend(x: float, y: float) -> list[str]:
         offset += 30 + len(text) * CHAR_W
     out.append(f'<path d="M{offset:.1f},6 L{offset + 26:.1f},6" stroke="#1b5e20" stroke-width="5"/>')
     out.append(f'<path d="M{offset:.1f},6 L{offset + 26:.1f},6" stroke="#e8f5e9" stroke-width="1.6"/>')
-    out.append(f'<text x="{offset + 32:.1f}" y="10" fill="#424242" {FONT}>two streams X1, X2</text>')
+    out.append(f'<text x="{offset + 32:.1f}" y="10" fill="#424242" {FONT}>{escape(streams)}</text>')
     out.append("</g>")
     return out
 
@@ -291,8 +295,8 @@ def to_svg(figures: list[Figure], title: str = "") -> str:
         body.extend(_svg_edges(figure, layout))
         body.append("</g>")
         x += layout.width + 40.0
-    body.extend(_legend(40.0, height - 28))
-    legend_width = sum(30 + len(text) * CHAR_W for _, text in _LEGEND) + 60 + len("two streams X1, X2") * CHAR_W
+    body.extend(_legend(40.0, height - 28, _streams_text(figures)))
+    legend_width = sum(30 + len(text) * CHAR_W for _, text in _LEGEND) + 60 + len(_streams_text(figures)) * CHAR_W
     width = max(width, legend_width + 80.0)
     head = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}">'
     return "\n".join([head, _DEFS, '<rect width="100%" height="100%" fill="#ffffff"/>', *body, "</svg>"]) + "\n"

@@ -1,0 +1,214 @@
+"""A reversible segment bound to a model: forward without a graph, backward by reconstruction.
+
+A ``ReversibleSegment`` is what a ``reversible_segment_<i>`` call in a converted graph
+executes. It runs its blocks' branches as the steps of the model's coupling
+(``revcompile.passes.couplings``) in one of the ``BACKWARD_MODES``: as one
+``torch.autograd.Function`` whose forward keeps only the final streams, the side inputs
+and the coupling's per-step residues, and whose backward runs the segment's
+``BackwardProgram`` (``revcompile.passes.schedule``) with the math of ``runtime.steps``;
+or, in ``"autograd"``, the same coupled computation with stored activations -- the
+reference the reversible backward must reproduce. Parameter gradients are returned from
+the Function, so autograd accumulates each of them exactly once per backward (gradient
+accumulation and DDP hooks see one event).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from revcompile.executor import run_program, stream_backend
+from revcompile.passes.couplings import Coupling, RevViT, StreamArithmetic
+from revcompile.passes.rewrite import BranchProgram, SegmentProgram
+from revcompile.passes.schedule import BackwardProgram, cotangent_value, grad_value, saved_value, schedule_backward, side_value, streams_value
+from revcompile.runtime.auto import backward_mode
+from revcompile.runtime.replay import autocast_as, autocast_state, capture_rng, cuda_devices
+from revcompile.runtime.steps import StepMath
+
+__all__ = ["BACKWARD_MODES", "RuntimeSettings", "ReversibleSegment", "bind_graph"]
+
+BACKWARD_MODES = {
+    "reversible": "reconstruct inputs from outputs in backward; activation memory independent of depth",
+    "parallel": "reversible, with block i's gradients overlapping block i-1's reconstruction on a second "
+    "CUDA stream (PaReprop); at most one more block graph alive; runs in program order on CPU",
+    "auto": "on CUDA, time reversible and parallel for a few steps per segment and input shape and keep "
+    "the faster; reversible elsewhere",
+    "autograd": "the same coupled architecture with stored activations (the gradient reference)",
+}
+
+# How many streams each mode's backward program uses.
+_PROGRAM_STREAMS = {"reversible": 1, "parallel": 2}
+
+
+@dataclass
+class RuntimeSettings:
+    """Mutable run-time switches shared by all segments of one converted model."""
+
+    mode: str = "reversible"
+    streams: str = "exact"
+    coupling: Coupling = field(default_factory=RevViT)
+    check_reconstruction: bool = False
+    # filled by the reconstruction check: (segment, block index) -> drift of each stream
+    drift: dict = field(default_factory=dict)
+
+
+def bind_graph(graph: fx.Graph, root: nn.Module, class_name: str) -> fx.GraphModule:
+    """An executable GraphModule whose attribute lookups go to ``root``'s live hierarchy.
+
+    ``fx.GraphModule`` normally copies references to the attributes its graph uses into
+    fresh container modules. Those copies go stale when ``root.to()`` replaces a buffer,
+    so the bound module shares ``root``'s own attribute dictionaries instead: parameters,
+    buffers and submodules are looked up in the model at call time.
+    """
+    gm = fx.GraphModule(root, graph, class_name)
+    for table in ("_modules", "_parameters", "_buffers"):
+        gm.__dict__[table] = root.__dict__[table]
+    return gm
+
+
+class _Branch:
+    """A bound branch: its GraphModule and where its inputs and parameters come from."""
+
+    def __init__(self, program: BranchProgram, root: nn.Module, parameter_index: dict[str, int]):
+        self.name = program.name
+        self.module = bind_graph(program.graph, root, program.name.replace(".", "_").replace(":", "_"))
+        self.side_inputs = program.side_inputs
+        self.parameters = tuple(parameter_index[p] for p in program.parameters)
+
+    def __call__(self, stream: torch.Tensor, side: tuple) -> torch.Tensor:
+        return self.module(stream, *(side[i] for i in self.side_inputs))
+
+
+class ReversibleSegment:
+    """Executable form of one ``SegmentProgram``, bound to a model's parameters."""
+
+    def __init__(self, program: SegmentProgram, root: nn.Module, settings: RuntimeSettings):
+        self.program = program
+        self.root = root
+        self.settings = settings
+        self.parameter_names = program.parameters
+        index = {name: i for i, name in enumerate(self.parameter_names)}
+        self.blocks = [(_Branch(b.f, root, index), _Branch(b.g, root, index)) for b in program.blocks]
+        self.__name__ = f"reversible_segment_{program.index}"
+        self._programs: dict[tuple, BackwardProgram] = {}
+        self.auto_choices: dict[tuple, object] = {}
+
+    def backward_program(self, mode: str = "parallel", coupling: Coupling | None = None) -> BackwardProgram:
+        """The scheduled backward this segment runs in ``mode`` ("reversible" or "parallel")."""
+        if mode not in _PROGRAM_STREAMS:
+            raise ValueError(f"a backward program exists for {sorted(_PROGRAM_STREAMS)}, not {mode!r}")
+        coupling = coupling or self.settings.coupling
+        key = (_PROGRAM_STREAMS[mode], coupling.saves_per_step)
+        if key not in self._programs:
+            self._programs[key] = schedule_backward(self.program, streams=key[0], coupling=coupling)
+        return self._programs[key]
+
+    def __repr__(self) -> str:
+        return f"ReversibleSegment({self.program.name}, {len(self.blocks)} blocks, {self.settings.coupling.label()})"
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The parameters as they are now (looked up by name: they may have been replaced)."""
+        return [self.root.get_parameter(name) for name in self.parameter_names]
+
+    def branches(self, side: tuple) -> list:
+        """The branches in step order (block 0's F, its G, ...), as ``stream -> output``."""
+        return [lambda s, b=branch: b(s, side) for block in self.blocks for branch in block]
+
+    @torch.compiler.disable
+    def __call__(self, x: torch.Tensor, *side):
+        # Kept out of torch.compile: a compiled forward would draw dropout masks with
+        # inductor's generator, which the eager recompute in backward cannot replay.
+        params = self.parameters()
+        _refuse_sharded(self, params)
+        needs_graph = torch.is_grad_enabled() and (
+            x.requires_grad
+            or any(p.requires_grad for p in params)
+            or any(isinstance(s, torch.Tensor) and s.requires_grad for s in side)
+        )
+        if self.settings.mode == "autograd" or not needs_graph:
+            coupling, arith = self.settings.coupling, StreamArithmetic(self.settings.streams, x.dtype)
+            prev, cur, _ = coupling.run(arith, x, self.branches(side), keep_residues=False)
+            return coupling.leave(arith, prev, cur)
+        return _ReversibleFunction.apply(self, x, len(side), *side, *params)
+
+
+def _refuse_sharded(segment: ReversibleSegment, params) -> None:
+    """FSDP that shards a module inside a segment: its parameters arrive sharded, because the
+    segment reads them directly instead of calling that module (so FSDP never gathers them)."""
+    sharded = [n for n, p in zip(segment.parameter_names, params) if type(p).__name__ == "DTensor"]
+    if sharded:
+        raise RuntimeError(
+            f"revcompile: {len(sharded)} parameters of {segment.__name__} ({sharded[0]}, ...) are sharded "
+            "by FSDP. Reversible segments read their parameters directly, so shard the converted model "
+            "as a whole -- fully_shard(converted) -- not modules inside it, or use DistributedDataParallel."
+        )
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, segment: ReversibleSegment, x: torch.Tensor, n_side: int, *rest):
+        side, params = rest[:n_side], rest[n_side:]
+        coupling, arith = segment.settings.coupling, StreamArithmetic(segment.settings.streams, x.dtype)
+        devices = cuda_devices((x, *side))
+        rng_log: list = []
+        stored = [] if segment.settings.check_reconstruction else None  # debug: keep block inputs
+
+        def before_step(j, prev, cur):
+            if stored is not None and j % 2 == 0:
+                stored.append((prev, cur))
+            rng_log.append(capture_rng(devices))
+
+        prev, cur, residues = coupling.run(arith, x, segment.branches(side), before_step=before_step)
+        out = coupling.leave(arith, prev, cur)
+        tensor_side = [i for i, s in enumerate(side) if isinstance(s, torch.Tensor)]
+        kept = residues if coupling.saves_per_step else []  # e.g. the dual coupling's packed remainder bits
+        ctx.save_for_backward(prev, cur, *(side[i] for i in tensor_side), *kept)
+        ctx.kept_residues = len(kept)
+        ctx.segment, ctx.coupling, ctx.arith, ctx.params = segment, coupling, arith, params
+        ctx.side_layout = (n_side, tensor_side, {i: s for i, s in enumerate(side) if i not in tensor_side})
+        ctx.side_requires_grad = {i for i in tensor_side if side[i].requires_grad}
+        ctx.rng = (rng_log, devices)
+        ctx.autocast = autocast_state()
+        ctx.mode = segment.settings.mode
+        ctx.input_dtype = x.dtype
+        ctx.stored = stored
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "revcompile: double backward (create_graph=True) through a reversible segment is not "
+                "supported: its backward recomputes instead of keeping a differentiable graph. For "
+                "higher-order gradients use revcompile.set_backward(model, 'autograd')."
+            )
+        segment: ReversibleSegment = ctx.segment
+        prev, cur, *saved = ctx.saved_tensors
+        residues = saved[len(saved) - ctx.kept_residues:]
+        side = _side_inputs(ctx, saved[:len(saved) - ctx.kept_residues])
+        depth = len(segment.blocks)
+        env = {streams_value(depth - 1): (prev, cur), cotangent_value(depth - 1): ctx.coupling.leave_gradient(grad_out.to(cur.dtype))}
+        env.update({side_value(i): side[i] for i in ctx.side_layout[1]})
+        if residues:
+            env.update({saved_value("residue", i): tuple(residues[2 * i:2 * i + 2]) for i in range(depth)})
+        math = StepMath(segment, ctx.coupling, ctx.arith, side, ctx.params, ctx.rng, ctx.side_requires_grad, ctx.stored)
+        mode, timing = backward_mode(ctx.mode, segment.auto_choices, cur, ctx.autocast)
+        program = segment.backward_program(mode, ctx.coupling)
+        with autocast_as(ctx.autocast), timing:
+            env = run_program(program, math.ops, env, stream_backend(cur.device, program.stream_count))
+        d_prev, d_cur = env[cotangent_value(-1)]
+        param_grads = [env.get(grad_value(name)) for name in segment.parameter_names]
+        side_grads = [env.get(grad_value(side_value(i))) for i in range(ctx.side_layout[0])]
+        return (None, (d_prev + d_cur).to(ctx.input_dtype), None, *side_grads, *param_grads)
+
+
+def _side_inputs(ctx, saved_side) -> tuple:
+    """The forward's side inputs, differentiable ones as fresh leaves."""
+    n_side, tensor_side, constants = ctx.side_layout
+    side_list = [constants.get(i) for i in range(n_side)]
+    for i, tensor in zip(tensor_side, saved_side):
+        side_list[i] = tensor.detach().requires_grad_(True) if i in ctx.side_requires_grad else tensor
+    return tuple(side_list)
