@@ -1,14 +1,15 @@
 """What a user sees on stderr when the command line meets a bad model, bad inputs or an untraceable
 model: at most five lines, no traceback, the culprit named, torch's own logging kept out.
 
-Each case runs the real command in a subprocess (warnings and torch's log handlers write
-there as they would in a terminal). The subprocesses start together, once per module, so
-that the imports they each pay for overlap. The functions at the top are the
-``package.module:callable`` models they load.
+Each case runs the real command in a process of its own (``tests.cli_processes``: warnings,
+torch's log handlers and tracebacks write to its stderr as they would in a terminal); the
+processes are forked from one that has imported the CLI, so the import is paid once. The
+functions at the top are the ``package.module:callable`` models they load.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -74,22 +75,20 @@ QUIET_FAILURES = [case for case in CASES if case not in ("nanogpt", "verbose")]
 
 
 @pytest.fixture(scope="module")
-def runs():
-    """Every case's command, started at once; each test waits for its own."""
+def runs(tmp_path_factory):
+    """Every case's command line, run as processes of their own (``tests.cli_processes``)."""
+    out_dir = tmp_path_factory.mktemp("cli")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
-    started = {
-        case: subprocess.Popen([sys.executable, "-m", "revcompile.cli", *argv], cwd=ROOT, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for case, (argv, _, _) in CASES.items()
-    }
-    yield {case: process for case, process in started.items()}
-    for process in started.values():
-        process.kill()
+    cases = {case: argv for case, (argv, _, _) in CASES.items()}
+    subprocess.run([sys.executable, "-m", "tests.cli_processes", str(out_dir), json.dumps(cases)],
+                   cwd=ROOT, env=env, check=True, timeout=900)
+    return out_dir
 
 
 def _finished(runs, case):
-    out, err = runs[case].communicate(timeout=600)
-    return runs[case].returncode, out, err
+    """(exit status, stdout, the whole stderr) of one case."""
+    read = lambda suffix: (runs / f"{case}{suffix}").read_text()  # noqa: E731
+    return int(read(".status")), read(".out"), read(".err")
 
 
 @pytest.mark.parametrize("case", QUIET_FAILURES)
