@@ -16,14 +16,11 @@ measurement (``revcompile.measure``): they exist whether or not activations are 
   (``revcompile.passes.couplings``, the same definition the runtime runs) without a graph,
   and the segment keeps only its two final streams, its side inputs and whatever the
   coupling keeps per step (the dual coupling's packed residue bits).
-* Backward needs working memory beyond what was saved. Ordinary backward: a few tensors of
-  the stream's size (``STREAM_TEMPORARIES``: gradients flowing back, the op's output
-  gradient) and one parameter's gradient, computed whole before it is added to ``.grad``.
-  Reversible backward recomputes one branch at a time: the largest branch's saved tensors
-  (counted the same way, on each branch graph), the same stream-sized temporaries, and the
-  segment's parameter gradients, which the runtime returns together at the segment's end.
-  These transients are a model, not an exact count; the report compares them with the
-  measured peak every time.
+* The step's *peak* -- saved tensors plus the backward's working memory (gradients flowing
+  back, temporaries, a segment's rebuilt branch graph) -- is not a count of saved tensors:
+  ``revcompile.simulate`` runs the whole training step, through the real runtime, on fake
+  tensors and follows every storage from creation to release. The caller puts those lines
+  into ``MemoryPrediction.original_peak``/``converted_peak``.
 
 Activation memory is linear in the batch for these models, so the graph is interpreted
 at two batch sizes and every quantity is fitted as ``fixed + per_sample * batch``: the
@@ -41,14 +38,11 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from revcompile.passes.couplings import Coupling, RevViT, StreamArithmetic
-from revcompile.passes.graph_view import module_path, tensor_bytes
+from revcompile.passes.graph_view import module_path
 from revcompile.passes.plan import Plan
 from revcompile.passes.rewrite import SegmentCall, SegmentProgram
 
 __all__ = ["LinearBytes", "PartMemory", "MemoryPrediction", "PredictionFailed", "predict_activation_memory"]
-
-STREAM_TEMPORARIES = 4  # stream-sized tensors alive while one branch is recomputed
-
 
 @dataclass(frozen=True)
 class LinearBytes:
@@ -90,18 +84,11 @@ class MemoryPrediction:
     parts: tuple[PartMemory, ...]
     original_saved: LinearBytes
     converted_saved: LinearBytes
-    original_transient: LinearBytes  # working memory of the ordinary backward (incl. one parameter's gradient)
-    converted_transient: LinearBytes  # recompute of the largest branch + its stream temporaries
-    gradient_buffer_bytes: int  # gradients held at once in the converted backward (a whole segment's)
     notes: tuple[str, ...] = ()
-
-    @property
-    def original_peak(self) -> LinearBytes:
-        return self.original_saved + self.original_transient
-
-    @property
-    def converted_peak(self) -> LinearBytes:
-        return self.converted_saved + self.converted_transient + LinearBytes(self.gradient_buffer_bytes, 0.0)
+    # the training step's peak above its start (saved + working memory), from a simulation of
+    # the step (``revcompile.simulate``); None until the caller has run it
+    original_peak: LinearBytes | None = None
+    converted_peak: LinearBytes | None = None
 
 
 # --- interpreting a graph on fake tensors, counting what autograd saves ----------------------
@@ -174,31 +161,14 @@ class _SavedTensorInterpreter(fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
-@dataclass
-class _SegmentLog:
-    """What running a segment's stand-in learned: its stream size, each branch's recompute."""
-
-    stream_bytes: int = 0
-    recompute_bytes: int = 0  # the largest branch's saved tensors when recomputed
-
-
-def _segment_stand_in(program: SegmentProgram, root: nn.Module, parameter_storages: set, log: _SegmentLog, coupling: Coupling, streams: str):
-    branches = [(fx.GraphModule(root, b.f.graph), b.f, fx.GraphModule(root, b.g.graph), b.g) for b in program.blocks]
-
-    def recompute(gm: fx.GraphModule, branch, stream: torch.Tensor, side: tuple) -> torch.Tensor:
-        """Run the branch as backward recomputes it, with a graph, counting what it saves."""
-        ledger = _SavedLedger(parameter_storages)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(ledger.pack, lambda t: t):
-            out = gm(stream.detach().requires_grad_(True), *(side[i] for i in branch.side_inputs))
-        log.recompute_bytes = max(log.recompute_bytes, ledger.total())
-        return out.detach()
+def _segment_stand_in(program: SegmentProgram, root: nn.Module, coupling: Coupling, streams: str):
+    branches = [(fx.GraphModule(root, br.graph), br) for b in program.blocks for br in (b.f, b.g)]
 
     def run_blocks(x: torch.Tensor, side: tuple):
         # the streams are kept as the runtime keeps them; branches run in the model's precision
         arith = StreamArithmetic(streams, x.dtype)
-        steps = [lambda s, gm=gm, b=b: recompute(gm, b, s, side) for f_gm, f, g_gm, g in branches for gm, b in ((f_gm, f), (g_gm, g))]
+        steps = [lambda s, gm=gm, b=b: gm(s, *(side[i] for i in b.side_inputs)) for gm, b in branches]
         prev, cur, residues = coupling.run(arith, x, steps)
-        log.stream_bytes = max(log.stream_bytes, tensor_bytes(cur))
         kept = [prev, cur] + ([r for r in residues if r is not None] if coupling.saves_per_step else [])
         return coupling.leave(arith, prev, cur), kept
 
@@ -211,8 +181,6 @@ class _Run:
 
     original: dict[str, int]  # node name -> bytes it saved first
     converted: dict[str, int]
-    stream_bytes: int
-    recompute_bytes: int
 
 
 def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, inputs: Sequence, coupling: Coupling, streams: str) -> _Run:
@@ -222,11 +190,10 @@ def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, 
     parameters = {name: mode.from_tensor(p) for name, p in root.named_parameters(remove_duplicate=False)}
     buffers = {name: mode.from_tensor(b) for name, b in root.named_buffers(remove_duplicate=False)}
     parameter_storages = {p.untyped_storage()._cdata for p in parameters.values()}
-    logs = [_SegmentLog() for _ in segments]
     devices = sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
     with torch.random.fork_rng(devices=devices), mode, _reparametrize_module(root, {**parameters, **buffers}):
         fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-        stand_ins = {p.index: _segment_stand_in(p, root, parameter_storages, log, coupling, streams) for p, log in zip(segments, logs)}
+        stand_ins = {p.index: _segment_stand_in(p, root, coupling, streams) for p in segments}
         ledgers = []
         for graph in (original, rewritten):
             ledger = _SavedLedger(parameter_storages)
@@ -236,8 +203,6 @@ def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, 
     return _Run(
         original=ledgers[0].by_owner(),
         converted=ledgers[1].by_owner(),
-        stream_bytes=max((log.stream_bytes for log in logs), default=0),
-        recompute_bytes=max((log.recompute_bytes for log in logs), default=0),
     )
 
 
@@ -293,15 +258,22 @@ def _parts(original: fx.Graph, plan: Plan) -> tuple[dict[str, str], list[tuple[s
     return assignment, parts
 
 
-def _largest_parameter_bytes(root: nn.Module) -> int:
-    """A parameter's gradient is computed whole before it is added to ``.grad``: one is alive at a time."""
-    return max((tensor_bytes(p) for p in root.parameters() if p.requires_grad), default=0)
-
-
-def _gradient_buffer_bytes(root: nn.Module, segments: Sequence[SegmentProgram]) -> int:
-    """The runtime returns a segment's parameter gradients together, at the end of its backward."""
-    sizes = [sum(tensor_bytes(root.get_parameter(name)) for name in s.parameters) for s in segments]
-    return max(sizes + [_largest_parameter_bytes(root)])
+def _interpret_at_batches(batches: Sequence[int], run_at: Callable[[int], _Run]) -> tuple[list[tuple[int, _Run]], list[str]]:
+    """The runs that worked, and a note when only one batch size could be interpreted."""
+    runs: list[tuple[int, _Run]] = []
+    failures: list[str] = []
+    for batch in batches:
+        try:
+            runs.append((batch, run_at(batch)))
+        except Exception as err:  # noqa: BLE001 -- any failure of the fake run is reported, not raised
+            first_line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            failures.append(f"batch {batch}: {type(err).__name__}: {first_line}")
+    if not runs:
+        raise PredictionFailed("; ".join(failures))
+    notes = []
+    if len(runs) == 1:
+        notes.append(f"interpreted at batch {runs[0][0]} only ({failures[0]}); assumed proportional to the batch")
+    return runs, notes
 
 
 def predict_activation_memory(
@@ -315,7 +287,7 @@ def predict_activation_memory(
     coupling: Coupling = RevViT(),
     streams: str = "model",
 ) -> MemoryPrediction:
-    """Predict saved-for-backward and backward-transient bytes, per part, as lines in the batch size.
+    """Predict saved-for-backward bytes, per part, as lines in the batch size.
 
     ``root`` holds the parameters the graphs refer to by name; ``original`` is the traced
     graph, ``rewritten`` the same graph with segment calls; ``inputs_for_batch(b)`` returns
@@ -325,19 +297,7 @@ def predict_activation_memory(
     ``coupling`` and ``streams`` are the converted model's (``convert(..., coupling=,
     streams=)``): they decide what a segment keeps. Raises ``PredictionFailed`` if no batch size can be interpreted.
     """
-    runs: list[tuple[int, _Run]] = []
-    failures: list[str] = []
-    for batch in batches:
-        try:
-            runs.append((batch, _run_at(root, original, rewritten, segments, inputs_for_batch(batch), coupling, streams)))
-        except Exception as err:  # noqa: BLE001 -- any failure of the fake run is reported, not raised
-            failures.append(f"batch {batch}: {type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}")
-    if not runs:
-        raise PredictionFailed("; ".join(failures))
-    notes = []
-    if len(runs) == 1:
-        notes.append(f"interpreted at batch {runs[0][0]} only ({failures[0]}); assumed proportional to the batch")
-
+    runs, notes = _interpret_at_batches(batches, lambda b: _run_at(root, original, rewritten, segments, inputs_for_batch(b), coupling, streams))
     assignment, part_list = _parts(original, plan)
     if any(owner not in assignment for _, run in runs for owner in (*run.original, *run.converted)):
         part_list.append(("untouched: other", "untouched"))  # saved by a node no part claims
@@ -363,8 +323,5 @@ def predict_activation_memory(
         parts=parts,
         original_saved=fit(lambda run: sum(run.original.values())),
         converted_saved=fit(lambda run: sum(run.converted.values())),
-        original_transient=fit(lambda run: STREAM_TEMPORARIES * run.stream_bytes) + LinearBytes(_largest_parameter_bytes(root), 0.0),
-        converted_transient=fit(lambda run: run.recompute_bytes + STREAM_TEMPORARIES * run.stream_bytes),
-        gradient_buffer_bytes=_gradient_buffer_bytes(root, segments),
         notes=tuple(notes),
     )

@@ -146,7 +146,8 @@ def _print_prediction(console: Console, report) -> None:
         table.add_row(f"[{style}]{part.name}[/{style}]", format_bytes(part.original.per_sample),
                       format_bytes(part.converted.per_sample), end_section=i == len(p.parts) - 1)
     table.add_row("[bold]saved for backward[/bold]", format_bytes(p.original_saved.per_sample), format_bytes(p.converted_saved.per_sample), end_section=True)
-    table.add_row("+ backward working memory", format_bytes(p.original_transient.per_sample), format_bytes(p.converted_transient.per_sample))
+    table.add_row("+ backward working memory", format_bytes(p.original_peak.per_sample - p.original_saved.per_sample),
+                  format_bytes(p.converted_peak.per_sample - p.converted_saved.per_sample))
     table.add_row("[bold]= peak per sample[/bold]", format_bytes(p.original_peak.per_sample), format_bytes(p.converted_peak.per_sample))
     table.add_row("+ fixed, any batch size", format_bytes(p.original_peak.fixed), format_bytes(p.converted_peak.fixed))
     console.print(table)

@@ -6,11 +6,14 @@ questions:
 * **Measured**: one forward + backward of the original and of the converted model on the
   same inputs (after one warm-up step each): the activations saved for backward (distinct
   storages, parameters excluded; exact on every device), the peak memory of the step above
-  its start (CUDA: ``max_memory_allocated`` after resetting the peak; CPU: the live heap,
-  never the resident-set size, see ``revcompile.measure``), and the step time.
+  its start (CUDA: ``max_memory_allocated`` after resetting the peak; CPU: the bytes of the
+  tensors alive at once, counted op by op on a real step (``revcompile.simulate``), with
+  the sampled live heap beside it -- never the resident-set size, see
+  ``revcompile.measure``), and the step time.
 * **Predicted**: ``revcompile.passes.memory`` interprets the traced and the rewritten graph on fake
-  tensors at two batch sizes *other than the measured one* and fits per-sample bytes for
-  each part of the model. The report states how far that prediction is from the
+  tensors at two batch sizes *other than the measured one* and fits per-sample saved bytes
+  for each part of the model; ``revcompile.simulate`` runs each whole training step on
+  fake tensors at those batch sizes for its peak. The report states how far that prediction is from the
   measurement, so the prediction is checked every time it is made.
 * **What it buys**: the largest batch whose step fits a memory cap, for the original and
   the converted model, counting parameters, their gradients, the optimizer's state
@@ -21,7 +24,7 @@ questions:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -44,6 +47,7 @@ from revcompile.budget import (
     training_state,
 )
 from revcompile.measure import HeapPeak, saved_for_backward
+from revcompile.simulate import LiveTensorBytes, simulate_step_peak
 
 __all__ = ["StepMeasurement", "MemoryReport", "measure_step", "predict", "memory_report", "ReportError"]
 
@@ -53,6 +57,7 @@ class StepMeasurement:
     saved_bytes: int  # activations saved for backward
     peak_bytes: int | None  # peak allocation of the step above its start (None if unknown)
     seconds: float  # one forward + backward
+    heap_peak_bytes: int | None = None  # CPU: the live heap, sampled (a lower bound: it misses short peaks)
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class MemoryReport:
 
     @property
     def peak_kind(self) -> str:
-        return "max_memory_allocated" if self.device.startswith("cuda") else "live heap"
+        return "max_memory_allocated" if self.device.startswith("cuda") else "tensor bytes alive, counted op by op"
 
     def _measured(self) -> dict[str, int | None]:
         o, c = self.original, self.converted
@@ -139,13 +144,13 @@ class MemoryReport:
         if self.prediction is not None:
             p = self.prediction
             data["prediction"] = {
-                "method": "saved tensors of the traced and rewritten graphs on fake tensors, linear in the batch",
+                "method": "saved tensors of the traced and rewritten graphs, and each training step run whole, "
+                          "on fake tensors; linear in the batch",
                 "batches": list(p.batches),
                 "original_saved": asdict(p.original_saved),
                 "converted_saved": asdict(p.converted_saved),
                 "original_peak": asdict(p.original_peak),
                 "converted_peak": asdict(p.converted_peak),
-                "gradient_buffer_bytes": p.gradient_buffer_bytes,
                 "parts": [{"name": part.name, "kind": part.kind, "original": asdict(part.original),
                            "converted": asdict(part.converted)} for part in p.parts],
                 "at_measured_batch": self.predicted(),
@@ -194,13 +199,19 @@ def measure_step(model: nn.Module, args: tuple, kwargs: dict | None = None) -> S
         saved = step()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - start_bytes
+        heap_peak = None
     else:
         with HeapPeak() as heap:
             saved = step()
-        peak = heap.growth
+        heap_peak = heap.growth
     seconds = time.perf_counter() - start
+    if not cuda:  # exact at op granularity, where sampling the heap misses short peaks
+        counter = LiveTensorBytes([p.grad for p in model.parameters() if p.grad is not None])
+        with counter:
+            step()
+        peak = counter.growth
     model.zero_grad(set_to_none=True)
-    return StepMeasurement(saved_bytes=saved.bytes, peak_bytes=peak, seconds=seconds)
+    return StepMeasurement(saved_bytes=saved.bytes, peak_bytes=peak, seconds=seconds, heap_peak_bytes=heap_peak)
 
 
 # --- predicting -------------------------------------------------------------------------------
@@ -223,13 +234,13 @@ def _graph_inputs(converted: nn.Module, compiled, args: tuple, kwargs: dict) -> 
 
 
 def _at_batch(values: list, batch: int, new_batch: int) -> list:
-    """The same inputs with ``new_batch`` rows (repeating the given ones)."""
+    """The same inputs with ``new_batch`` rows (repeating the given ones); nested structures too."""
     def resize(value):
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
             return value.index_select(0, torch.arange(new_batch, device=value.device) % batch)
         return value
 
-    return [resize(v) for v in values]
+    return [pytree.tree_map(resize, v) for v in values]
 
 
 def predict(converted: nn.Module, args: tuple, kwargs: dict, avoid_batch: int) -> MemoryPrediction:
@@ -246,15 +257,33 @@ def predict(converted: nn.Module, args: tuple, kwargs: dict, avoid_batch: int) -
         )
 
     try:
-        return run((avoid_batch + 1, 2 * avoid_batch + 1))
+        prediction = run((avoid_batch + 1, 2 * avoid_batch + 1))
     except PredictionFailed:
-        return run((avoid_batch,))  # a trace specialised to its batch size
+        prediction = run((avoid_batch,))  # a trace specialised to its batch size
+    return _with_simulated_peaks(prediction, converted, args, kwargs, avoid_batch)
+
+
+def _with_simulated_peaks(prediction: MemoryPrediction, converted: nn.Module, args: tuple, kwargs: dict, batch: int) -> MemoryPrediction:
+    """Each training step's peak, from running it on fake tensors at the prediction's batch sizes."""
+    original = converted.original_model
+
+    def peak(model: nn.Module) -> LinearBytes:
+        points = []
+        for b in prediction.batches:
+            at_b = _at_batch([args, kwargs], batch, b) if b != batch else [args, kwargs]
+            points.append((b, simulate_step_peak(model, *at_b).peak_bytes))
+        return LinearBytes.fit(points)
+
+    try:
+        return replace(prediction, original_peak=peak(original), converted_peak=peak(converted))
+    except Exception as err:  # noqa: BLE001 -- reported with the prediction, not raised
+        raise PredictionFailed(f"simulating the training step on fake tensors failed: {type(err).__name__}: {err}") from err
 
 
 def _capacity(cap: int, state: TrainingState, prediction: MemoryPrediction | None,
               measured: tuple[StepMeasurement, StepMeasurement] | None, batch: int | None) -> BatchCapacity:
     if prediction is not None:
-        basis = "predicted peak activation memory (saved for backward + backward working memory)"
+        basis = "predicted peak of the training step (its forward and backward simulated on fake tensors)"
         return batch_capacity(cap, state, prediction.original_peak, prediction.converted_peak, basis)
     if measured is None or not batch:
         raise ReportError("no prediction and no measurement to size a batch from")

@@ -70,7 +70,9 @@ def test_parts_add_up_and_only_segments_shrink():
             assert part.converted == part.original
         else:
             assert part.converted.per_sample * 5 < part.original.per_sample
-    assert p.converted_transient.per_sample > 0 and p.gradient_buffer_bytes > 0
+    # the simulated step's peak holds what was saved plus the backward's working memory
+    assert p.converted_peak.at(8) > p.converted_saved.at(8) and p.original_peak.at(8) > p.original_saved.at(8)
+    assert p.original_peak.per_sample > 3 * p.converted_peak.per_sample
 
 
 def test_report_on_a_depth_12_model():
@@ -84,8 +86,8 @@ def test_report_on_a_depth_12_model():
     assert 8 not in report.prediction.batches
     errors = report.prediction_errors()
     assert abs(errors["original_saved"]) <= 0.15 and abs(errors["converted_saved"]) <= 0.15, errors
-    # The backward's working memory is modelled, not counted: a looser check on the live-heap peak.
-    assert abs(errors["original_peak"]) <= 0.3 and abs(errors["converted_peak"]) <= 0.3, errors
+    # The peak is simulated step by step on fake tensors: within 10% of the measured one.
+    assert abs(errors["original_peak"]) <= 0.1 and abs(errors["converted_peak"]) <= 0.1, errors
     capacity = report.capacity
     assert capacity.converted > 4 * capacity.original > 0
     data = report.to_dict()
