@@ -57,7 +57,7 @@ def _gradients(model, images, mode: str, autocast_dtype):
     revcompile.set_backward(model, mode)
     model.zero_grad(set_to_none=True)
     torch.manual_seed(7)
-    context = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    context = torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with context:
         out = model(images)
     out.float().square().mean().backward()  # backward outside autocast, as training loops do
@@ -69,11 +69,11 @@ def _relative_errors(candidate: dict, reference: dict) -> list[float]:
     return [float((candidate[n] - r).norm() / r.norm()) for n, r in reference.items() if float(r.norm()) > 1e-6 * largest]
 
 
-def measure(depth: int, case: str) -> dict:
+def measure(depth: int, case: str, device: str = "cpu") -> dict:
     dtype, autocast_dtype, streams = CASES[case]
     torch.manual_seed(0)
-    model = reference_vit(depth=depth, dim=64, heads=2).to(dtype)
-    (images,) = example_inputs(model, batch_size=4, dtype=dtype)
+    model = reference_vit(depth=depth, dim=64, heads=2).to(device, dtype)
+    (images,) = example_inputs(model, batch_size=4, dtype=dtype, device=device)
     converted = revcompile.convert(model, images, streams=streams, check_reconstruction=True)
     reference = _gradients(converted, images, "autograd", autocast_dtype)
     candidate = _gradients(converted, images, "reversible", autocast_dtype)
@@ -81,7 +81,7 @@ def measure(depth: int, case: str) -> dict:
     errors = _relative_errors(candidate, reference)
     noise = None
     if dtype != torch.float32 or autocast_dtype is not None:
-        exact = revcompile.convert(reference_vit(depth=depth, dim=64, heads=2), images[:2].float())
+        exact = revcompile.convert(reference_vit(depth=depth, dim=64, heads=2).to(device), images[:2].float())
         exact.load_state_dict({k: v.float() for k, v in converted.state_dict().items()})
         float32 = _gradients(exact, images.float(), "autograd", None)
         noise = _relative_errors(reference, float32)

@@ -16,7 +16,7 @@ def _ratio(value, reference) -> str:
     return "-" if not value or not reference else f"{value / reference:.2f}x"
 
 
-def _throughput_table(rows: list[dict]) -> list[str]:
+def throughput_table(rows: list[dict]) -> list[str]:
     lines = [
         "| model | batch | variant | step (ms) | samples/s | vs original | vs reversible | peak (MiB) |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
@@ -36,7 +36,7 @@ def _throughput_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _summary(rows: list[dict]) -> list[str]:
+def target_ratios(rows: list[dict]) -> list[str]:
     """The issue's targets, as measured ratios (min and max over batches)."""
     speed = {(r["model"], r["batch"], r["variant"]): r["batch"] / r["seconds"] for r in rows if r.get("seconds")}
     peak = {(r["model"], r["batch"], r["variant"]): r["peak_bytes"] for r in rows if r.get("peak_bytes")}
@@ -61,7 +61,7 @@ def markdown(results: dict) -> str:
              f"median of {meta['steps']} steps after {meta['warmup']} warm-up", ""]
     lines += [f"- {note}" for note in results["notes"]]
     if results["throughput"]:
-        lines += ["", *_throughput_table(results["throughput"]), "", *_summary(results["throughput"])]
+        lines += ["", *throughput_table(results["throughput"]), "", *target_ratios(results["throughput"])]
     if results["depth"]:
         depths = sorted({r["depth"] for r in results["depth"]})
         variants = [v for v in ORDER if any(r["variant"] == v for r in results["depth"])]

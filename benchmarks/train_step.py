@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from train_models import DEEP_MODEL, MODELS, Workload
+from train_models import ALL_MODELS, DEEP_MODEL, MODELS, Workload
 from train_report import markdown, plot
 
 import revcompile
@@ -133,7 +133,7 @@ class Bench:
 def build(name: str, size: str, device: str, depth: int | None = None, **options):
     """The workload on ``device`` and its converted model (None, with the reason, if nothing converts)."""
     torch.manual_seed(0)
-    workload = MODELS[name](size, depth, **options)
+    workload = ALL_MODELS[name](size, depth, **options)
     workload.model.to(device).train()
     args, kwargs = workload.example(device)
     try:

@@ -79,8 +79,9 @@ class _Unit:
 
 
 class _Assembler:
-    def __init__(self, view: GraphView, residuals: tuple[Residual, ...], post_norm: str):
+    def __init__(self, view: GraphView, residuals: tuple[Residual, ...], post_norm: str, excluded=None):
         self.view = view
+        self.excluded = dict(excluded or {})
         self.nodes = view.nodes
         self.residuals = residuals
         self.post_norm = post_norm
@@ -144,6 +145,10 @@ class _Assembler:
                 if unit is not None:
                     units.append(unit)
                     used.update(r.add for r in unit.residuals)
+        for unit in [u for u in units if self.unit_name(u) in self.excluded]:
+            units.remove(unit)
+            for res in unit.residuals:
+                self.skip(res, res.kind, self.excluded[self.unit_name(unit)])
         for res in self.residuals:
             if res.add not in used and not any(s.node == res.add for s in self.skipped):
                 self.skip(res, res.kind, self.why_alone(res))
@@ -199,7 +204,7 @@ class _Assembler:
             f = self.branch(entry, entry_chain, [a.branch for a in attention], inner + [n for c in unit.chains[:-1] for n in c])
             g = self.branch(nodes[attention[-1].add], unit.chains[-1], [mlp.branch], [])
             form = "sequential" if len(attention) == 1 else "decoder"
-        name = self.block_name(unit) or "/".join(r.add for r in unit.residuals)
+        name = self.unit_name(unit)
         adds = tuple(r.add for r in unit.residuals)
         replaced = set(f.nodes) | set(g.nodes) | set(adds) | {n for r in unit.residuals for n in r.branch.nodes}
         return Block(
@@ -207,6 +212,9 @@ class _Assembler:
             replaces=tuple(n.name for n in self.view.sorted(self.nodes[n] for n in replaced)),
             post_norm_moved=unit.post_norm_moved,
         )
+
+    def unit_name(self, unit: _Unit) -> str:
+        return self.block_name(unit) or "/".join(r.add for r in unit.residuals)
 
     def block_name(self, unit: _Unit) -> str:
         """The module owning the block's residual adds (``blocks.3``, ``encoder.block.0``)."""
@@ -318,15 +326,17 @@ class _Assembler:
         )
 
 
-def find_reversible_blocks(gm: fx.GraphModule, *, post_norm: str = "skip") -> Plan:
+def find_reversible_blocks(gm: fx.GraphModule, *, post_norm: str = "skip", excluded=None) -> Plan:
     """Detect the reversible blocks of ``gm`` and chain them into segments.
 
     ``post_norm`` (a key of ``POST_NORM``) says what to do with post-norm blocks.
+    ``excluded`` maps block names to a reason: those blocks are left as they are and
+    reported with it (the conversion check excludes blocks that fail to reconstruct).
     """
     require_choice("post_norm", post_norm, POST_NORM)
     view = GraphView(gm)
     search = find_residuals(gm, view)
-    assembler = _Assembler(view, search.residuals, post_norm)
+    assembler = _Assembler(view, search.residuals, post_norm, excluded)
     segments = assembler.segments(assembler.units())
     skipped = sorted(list(search.rejected) + assembler.skipped, key=lambda s: view.order[view.nodes[s.node]])
     return Plan(segments=tuple(segments), skipped=tuple(skipped), residuals_found=len(search.residuals) + len(search.rejected))

@@ -15,20 +15,33 @@ Both tracers leave nodes that hide the shape of a transformer from a structural 
   ``(x + a) + m``, which hides that both branches read ``x``. When ``m`` does not read
   ``x + a``, the sum is reassociated to ``x + (a + m)``, the form GPT-NeoX and Phi use,
   so that detection sees one residual with two parts. (Only the rounding order changes.)
+* in-place adds into temporaries: ``mlp_out += attn_out; x + mlp_out`` (GPT-J, CodeGen)
+  becomes ``x + (mlp_out + attn_out)``, the out-of-place parallel form. Only where that is
+  provably the same computation: the target is a fresh tensor (or reaches one through ops
+  that may return their input, each read by nothing else), nothing reads it before the
+  in-place add, and the sum keeps its shape and dtype. Later readers read the new sum.
 
-The pass edits the graph in place and returns what it did.
+The pass is pure: it edits a copy of the caller's GraphModule (sharing its submodules,
+parameters and buffers) and returns the copy with what it did.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import copy
+
 import torch
 import torch.fx as fx
 
 from revcompile.passes.graph_view import shape_key
 from revcompile.passes.patterns import (
+    FRESH_RESULT,
     GUARD,
+    INPLACE_ADD,
+    MAY_RETURN_INPUT,
+    OUT_OF_PLACE,
+    VIEW,
     RESIDUAL_ADD,
     SHAPE_QUERY,
     is_inplace,
@@ -45,10 +58,14 @@ class NormalizeResult:
     shape_queries_redirected: int
     dead_metadata_removed: int
     parallel_sums_reassociated: int = 0
+    inplace_adds_made_out_of_place: int = 0
 
     @property
     def modified(self) -> bool:
-        return bool(self.guards_removed or self.shape_queries_redirected or self.dead_metadata_removed or self.parallel_sums_reassociated)
+        return bool(
+            self.guards_removed or self.shape_queries_redirected or self.dead_metadata_removed
+            or self.parallel_sums_reassociated or self.inplace_adds_made_out_of_place
+        )
 
 
 def _shape_of(node) -> tuple | None:
@@ -142,7 +159,70 @@ def _reassociate_parallel_sums(graph: fx.Graph) -> int:
     return count
 
 
+def _owns_storage(target: fx.Node, root) -> bool:
+    """``target`` is a tensor nothing else can observe: a fresh result, reached (if at all)
+    through ops that may return their input, each of which nothing else reads."""
+    node = target
+    while VIEW.matches(node) or MAY_RETURN_INPUT.matches(node, root) or is_inplace(node, root):
+        parent = node.args[0] if node.args else None
+        if not isinstance(parent, fx.Node) or len(parent.users) != 1:
+            return False
+        node = parent
+    return FRESH_RESULT.matches(node, root)
+
+
+def _same_result(target: fx.Node, addend) -> bool:
+    """``target + addend`` has ``target``'s shape and dtype, as ``target += addend`` does."""
+    value = target.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return False
+    if isinstance(addend, fx.Node):
+        other = addend.meta.get("val")
+        if not isinstance(other, torch.Tensor) or other.dtype != value.dtype:
+            return False
+        return tuple(torch.broadcast_shapes(value.shape, other.shape)) == tuple(value.shape)
+    return isinstance(addend, (int, float)) and not isinstance(addend, bool) and value.is_floating_point()
+
+
+def _out_of_place_adds(graph: fx.Graph, root) -> int:
+    """``t += u`` on a temporary that nothing read before -> ``t2 = t + u``; later readers read ``t2``."""
+    count = 0
+    order = _position(graph)
+    for node in list(graph.nodes):
+        if not INPLACE_ADD.matches(node) or len(node.args) != 2:
+            continue
+        target, addend = node.args
+        if not isinstance(target, fx.Node) or not _owns_storage(target, root) or not _same_result(target, addend):
+            continue
+        if any(order(u) < order(node) for u in target.users if u is not node):
+            continue  # read before the write: not a private temporary
+        later_readers = [u for u in target.users if u is not node]
+        key = node.target if node.op == "call_function" else str(node.target)
+        with graph.inserting_before(node):
+            if node.op == "call_method":
+                summed = graph.call_method(OUT_OF_PLACE[key], node.args, dict(node.kwargs))
+            else:
+                summed = graph.call_function(OUT_OF_PLACE[key], node.args, dict(node.kwargs))
+        summed.meta = dict(node.meta)
+        for user in later_readers:
+            user.replace_input_with(target, summed)
+        node.replace_all_uses_with(summed)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _copy_of(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule on a copy of ``gm``'s graph (nodes, names, metadata, codegen),
+    sharing ``gm``'s submodules, parameters and buffers."""
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    copied.meta.update(getattr(gm, "meta", {}))
+    return copied
+
+
 def normalize_graph(gm: fx.GraphModule) -> NormalizeResult:
+    """Normalise a copy of ``gm`` (which is left as it was); the copy is in the result."""
+    gm = _copy_of(gm)
     graph = gm.graph
     guards = [n for n in graph.nodes if _is_guard_call(n, gm) and not n.users]
     for node in reversed(guards):
@@ -160,6 +240,15 @@ def normalize_graph(gm: fx.GraphModule) -> NormalizeResult:
             node.replace_input_with(subject, origin)
             redirected += 1
 
+    dead = _remove_dead_metadata(graph)
+    out_of_place = _out_of_place_adds(graph, gm)
+    reassociated = _reassociate_parallel_sums(graph)
+    graph.lint()
+    gm.recompile()
+    return NormalizeResult(gm, len(guards), redirected, dead, reassociated, out_of_place)
+
+
+def _remove_dead_metadata(graph: fx.Graph) -> int:
     dead = 0
     changed = True
     while changed:
@@ -175,8 +264,4 @@ def normalize_graph(gm: fx.GraphModule) -> NormalizeResult:
         if node.op == "placeholder" and not node.users and node.meta.get("revcompile_concrete"):
             graph.erase_node(node)
             dead += 1
-
-    reassociated = _reassociate_parallel_sums(graph)
-    graph.lint()
-    gm.recompile()
-    return NormalizeResult(gm, len(guards), redirected, dead, reassociated)
+    return dead

@@ -34,7 +34,13 @@ __all__ = [
     "NORM",
     "VIEW",
     "STATEFUL_MODULES",
+    "UNDECLARED_WRITES",
+    "FRESH_RESULT",
+    "MAY_RETURN_INPUT",
+    "INPLACE_ADD",
+    "OUT_OF_PLACE",
     "is_inplace",
+    "written_arguments",
     "is_layout_reshape",
     "module_of",
 ]
@@ -245,6 +251,72 @@ VIEW = OpPattern(
 # their branch would update it a second time.
 STATEFUL_MODULES = (nn.modules.batchnorm._BatchNorm,)
 
+
+@dataclass(frozen=True)
+class HiddenWrite:
+    """Where an op writes into arguments that its schema does not mark as written.
+
+    ``written`` are (name, position) of the arguments updated; the write happens only when
+    the argument ``flag`` = (name, position, default) is true (``training`` for batch norm).
+    """
+
+    written: tuple[tuple[str, int], ...]
+    flag: tuple[str, int, bool]
+
+
+_BN_ATEN = HiddenWrite((("running_mean", 3), ("running_var", 4)), ("training", 5, False))
+_IN_ATEN = HiddenWrite((("running_mean", 3), ("running_var", 4)), ("use_input_stats", 5, False))
+
+# Ops that update running statistics in training although their schema has no ``(a!)`` on
+# them: ``aten.batch_norm`` is composite (what torch.export leaves in its graphs), and the
+# ``torch.nn.functional`` forms are what fx records for functional code. A branch holding
+# one would apply the update again when it is recomputed. (Ops whose schema does mark the
+# write, like ``_native_batch_norm_legit``, need no entry.)
+UNDECLARED_WRITES = {
+    **{op: _BN_ATEN for op in _aten_overloads(
+        "batch_norm", "native_batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm", "miopen_batch_norm"
+    )},
+    **{op: _IN_ATEN for op in _aten_overloads("instance_norm")},
+    torch.batch_norm: _BN_ATEN,
+    torch.instance_norm: _IN_ATEN,
+    F.batch_norm: HiddenWrite((("running_mean", 1), ("running_var", 2)), ("training", 5, False)),
+    F.instance_norm: HiddenWrite((("running_mean", 1), ("running_var", 2)), ("use_input_stats", 5, True)),
+}
+
+# Ops whose result is always a new tensor, sharing storage with none of their inputs.
+FRESH_RESULT = OpPattern(
+    name="fresh_result",
+    functions=frozenset(
+        {operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.neg,
+         torch.add, torch.sub, torch.mul, torch.matmul, torch.bmm, F.linear, F.gelu, F.silu, F.relu,
+         F.layer_norm, F.softmax, torch.softmax, F.scaled_dot_product_attention, F.conv1d, F.conv2d}
+        | _aten_overloads(
+            "add", "sub", "mul", "div", "neg", "mm", "bmm", "addmm", "matmul", "linear", "gelu", "silu",
+            "relu", "tanh", "layer_norm", "native_layer_norm", "_softmax", "softmax", "convolution", "conv1d",
+            "conv2d", "scaled_dot_product_attention",
+        )
+    ),
+    methods=frozenset({"add", "sub", "mul", "div", "matmul", "softmax", "neg"}),
+    modules=(nn.Linear, nn.Conv1d, nn.Conv2d, nn.LayerNorm, nn.GELU, nn.SiLU, nn.Tanh),
+)
+
+# Ops that may hand back their first input itself (dropout in eval mode, identity, a cast
+# to the same dtype), besides views: an in-place write to their result reaches the input.
+MAY_RETURN_INPUT = OpPattern(
+    name="may_return_input",
+    functions=frozenset({F.dropout, torch.dropout} | _aten_overloads("dropout", "alias", "to", "_to_copy", "contiguous", "clone")),
+    methods=frozenset({"to", "float", "double", "half", "type_as", "contiguous"}),
+    modules=(nn.Dropout, nn.Identity, nn.ReLU),
+)
+
+# ``t += u`` spelt every way the tracers record it, and its out-of-place form.
+INPLACE_ADD = OpPattern(
+    name="inplace_add",
+    functions=frozenset({operator.iadd} | _overloads(aten.add_)),
+    methods=frozenset({"add_"}),
+)
+OUT_OF_PLACE = {operator.iadd: operator.add, aten.add_.Tensor: aten.add.Tensor, aten.add_.Scalar: aten.add.Scalar, "add_": "add"}
+
 _INPLACE_FUNCTIONS = frozenset({operator.setitem, operator.iadd, operator.imul, operator.isub, operator.itruediv})
 
 
@@ -274,3 +346,39 @@ def is_inplace(node: fx.Node, root: nn.Module | None = None) -> bool:
         module = module_of(node, root)
         return bool(getattr(module, "inplace", False))
     return False
+
+
+def _argument(node: fx.Node, name: str, position: int, default=None):
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[position] if position < len(node.args) else default
+
+
+def _nodes_in(value) -> list[fx.Node]:
+    if isinstance(value, fx.Node):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, fx.Node)]
+    return []
+
+
+def written_arguments(node: fx.Node, root: nn.Module | None = None) -> list[fx.Node]:
+    """Every value ``node`` writes into: its schema's ``(a!)`` arguments (all of them, not
+    only the first), an ``out=`` argument, the first argument of in-place methods, operators
+    and ``inplace=True`` leaves, and the running statistics ``UNDECLARED_WRITES`` names."""
+    written: list[fx.Node] = []
+    if is_inplace(node, root) and node.args:
+        written += _nodes_in(node.args[0])
+    if node.op != "call_function":
+        return list(dict.fromkeys(written))
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        for position, argument in enumerate(schema.arguments):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                written += _nodes_in(_argument(node, argument.name, len(node.args) if argument.kwarg_only else position))
+    written += _nodes_in(node.kwargs.get("out"))
+    hidden = UNDECLARED_WRITES.get(node.target)
+    if hidden is not None and _argument(node, *hidden.flag) is not False:
+        for name, position in hidden.written:
+            written += _nodes_in(_argument(node, name, position))
+    return list(dict.fromkeys(written))

@@ -34,6 +34,7 @@ from revcompile.passes.patterns import (
     VIEW,
     is_inplace,
     module_of,
+    written_arguments,
 )
 from revcompile.passes.plan import Branch, Residual, Skipped
 
@@ -94,6 +95,8 @@ def _alias_root(node: fx.Node, region: set[fx.Node]) -> fx.Node:
 
 
 def _check_effects(view: GraphView, region: set[fx.Node], stream: fx.Node) -> None:
+    """Refuse a branch that writes into anything it does not own: recomputing it would
+    write again (running statistics updated twice) or read inputs it changed."""
     root = view.gm
     for node in view.sorted(region):
         module = module_of(node, root)
@@ -102,17 +105,24 @@ def _check_effects(view: GraphView, region: set[fx.Node], stream: fx.Node) -> No
                 f"{node.target} ({type(module).__name__}) updates running statistics in forward; "
                 "recomputing the branch would update them twice"
             )
-        if not is_inplace(node, root) or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
-        written = _alias_root(node.args[0], region)
-        if written is stream or written not in region:
-            what = "the residual stream" if written is stream else f"{written.name}, which lives outside the branch"
+        for target in written_arguments(node, root):
+            written = _alias_root(target, region)
+            if written in region and written is not stream:
+                continue
             if written.op == "get_attr":
-                what = f"the module state {written.target}"
+                raise _Rejected(
+                    f"{node.name} ({_op_name(node)}) writes into the module state {written.target} in forward; "
+                    "recomputing the branch would write it a second time (running statistics updated twice)"
+                )
+            what = "the residual stream" if written is stream else f"{written.name}, which lives outside the branch"
             raise _Rejected(
                 f"in-place {node.name} writes into {what}; reversible recomputation needs "
                 "branch inputs unchanged (make the op out-of-place)"
             )
+
+
+def _op_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", None) or str(node.target)
 
 
 def _parameters_of(view: GraphView, nodes) -> tuple[str, ...]:

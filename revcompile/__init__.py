@@ -30,6 +30,7 @@ from revcompile.errors import ConversionError
 from revcompile.report import MemoryReport, memory_report
 from revcompile.runtime import BACKWARD_MODES
 from revcompile.show import draw
+from revcompile.sketch import SketchConfig
 from revcompile.verify import VerifyReport, verify
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "ReversibleModel",
     "ConversionError",
     "BACKWARD_MODES",
+    "SketchConfig",
 ]
 
 __version__ = "0.1.0"

@@ -10,11 +10,13 @@ from revcompile.passes.detect import POST_NORM
 from revcompile.passes.plan import Plan, require_choice
 from revcompile.passes.couplings import STREAM_PRECISIONS, Coupling, DualResidual, make_coupling
 from revcompile.passes.schedule import BackwardProgram
+from revcompile.conversion_check import check_conversion as check_converted_model
 from revcompile.converted import ReversibleModel
 from revcompile.distance import function_distance
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS, bind_call, training_defaults
 from revcompile.inputs import check_example_inputs
+from revcompile.sketch import SketchConfig
 from revcompile.runtime import BACKWARD_MODES, ReconstructionDrift
 
 __all__ = [
@@ -43,6 +45,8 @@ def convert(
     post_norm: str = "skip",
     streams: str = "exact",
     check_reconstruction: bool = False,
+    check_conversion: bool = True,
+    sketch_linears=None,
 ) -> ReversibleModel:
     """Rewrite the residual attention/MLP chains of ``model`` into reversible segments.
 
@@ -70,8 +74,19 @@ def convert(
     ``check_reconstruction``: a debug mode that keeps every block's inputs, compares the
     reconstructed ones with them in backward (``reconstruction_report``) and raises on a
     non-finite reconstruction. It stores activations: do not train with it.
+    ``check_conversion`` (default on): run the converted model once on the example call,
+    forward and backward, before returning it; a block whose reconstructed inputs differ
+    from the forward's is left as it is (``explain`` says why), and a model that fails to
+    run raises ``ConversionError`` (``revcompile.conversion_check``). It costs about one
+    training step on the example inputs; ``False`` skips it.
+    ``sketch_linears``: opt-in approximate weight gradients (off by default). A fraction in
+    (0, 1] keeps that fraction of a random sketch of each linear layer's input instead of
+    the input; a ``revcompile.SketchConfig`` also chooses the layers (names, a predicate,
+    ``"all"``; default: those outside reversible segments), the estimator and the seed.
+    Input and bias gradients stay exact; see docs/sketch.md.
     Raises ``ConversionError`` when the model cannot run on the example inputs (naming the
-    input and what the failing op expected), when tracing fails, or when nothing is convertible.
+    input and what the failing op expected), when tracing fails, when nothing is
+    convertible, or when the check fails.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
@@ -82,6 +97,7 @@ def convert(
         require_choice(option, value, choices)
     chosen = make_coupling(coupling, fusion=fusion, beta=beta, alpha=alpha)
     chosen.check(streams)
+    sketch_linears = SketchConfig.of(sketch_linears)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     try:
@@ -91,9 +107,12 @@ def convert(
             f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
         ) from None
     converted = ReversibleModel(
-        model, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction
+        model, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction,
+        sketch_linears=sketch_linears,
     )
     converted.compile_for(args, kwargs)
+    if check_conversion:
+        check_converted_model(converted, args, kwargs)
     if isinstance(chosen, DualResidual):  # a pretrained model's user needs this before fine-tuning
         converted.__dict__["_rc_distance"] = function_distance(model, converted, args, kwargs)
     return converted

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reserve", default="512MiB", metavar="SIZE",
                         help="memory that is not tensors: CUDA context, fragmentation (default 512MiB)")
     report.add_argument("--json", action="store_true", help="write the report as JSON on stdout")
+    report.add_argument("--sketch-linears", type=float, default=None, metavar="FRACTION",
+                        help="opt-in approximate weight gradients: sketch linear layers outside reversible segments, "
+                        "keeping FRACTION of their input (docs/sketch.md)")
     show = commands.add_parser("show", parents=[model], help="draw what became reversible (SVG, DOT, HTML) or print it")
     show.add_argument("-o", "--output", default=None, metavar="FILE", help="FILE.svg, FILE.dot or FILE.html")
     show.add_argument("--before", action="store_true", help="draw the original graph beside the rewritten one")
@@ -195,7 +198,7 @@ def _report(args, console: Console) -> int:
     if args.memory_cap is None and args.device == "cuda":  # what this device has
         args.memory_cap = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     with console.status("tracing and converting ...") as status:
-        converted = convert(model.train(), inputs, kwargs, tracer=args.tracer)
+        converted = convert(model.train(), inputs, kwargs, tracer=args.tracer, sketch_linears=args.sketch_linears)
         report = memory_report(model, inputs, kwargs, converted=converted, name=built.label, memory_cap=args.memory_cap,
                                optimizer=args.optimizer, reserve=args.reserve, progress=lambda text: status.update(f"{text} ..."))
     if args.json:
@@ -204,6 +207,8 @@ def _report(args, console: Console) -> int:
     out = Console()
     _print_plan(out, report)
     _print_measured(out, report)
+    if report.sketch is not None:
+        out.print(report.sketch)
     _print_prediction(out, report)
     if report.capacity is not None:
         _print_capacity(out, report)

@@ -28,7 +28,7 @@ from torch.utils import _pytree as pytree
 from revcompile.passes.rewrite import SegmentCall
 from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, bind_call, training_defaults
-from revcompile.pipeline import CompiledVariant, compile_variant
+from revcompile.pipeline import ORIGINAL_ATTRIBUTES, CompiledVariant, compile_variant
 from revcompile.passes.couplings import Coupling
 from revcompile.runtime import ReversibleSegment, RuntimeSettings, bind_graph
 
@@ -47,6 +47,27 @@ def _graph_with_segments(graph: fx.Graph, segments: list[ReversibleSegment]) -> 
             node.target = segments[node.target.index]
     copy.lint()
     return copy
+
+
+class OriginalAttributes(nn.Module):
+    """The original model's plain attributes, read when the converted graph runs.
+
+    A tensor assigned to a model as a plain attribute (``self.pos_embedding = tensor``) is
+    neither a parameter nor a buffer, so the converted model cannot share it the way it
+    shares those: its graph reads it through this parameter-free submodule, which looks it
+    up on the original every time. ``.to()`` and ``.double()`` therefore leave it as they
+    leave the original's, and reassigning it on the original is seen by the converted model.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.__dict__["_original"] = original
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
 
 
 class BoundVariant:
@@ -94,6 +115,7 @@ class ReversibleModel(nn.Module):
         post_norm: str = "skip",
         streams: str = "exact",
         check_reconstruction: bool = False,
+        sketch_linears=None,
     ):
         super().__init__()
         self._modules.update(original._modules)
@@ -105,6 +127,7 @@ class ReversibleModel(nn.Module):
         state["_rc_original"] = original
         state["_rc_tracer"] = tracer
         state["_rc_post_norm"] = post_norm
+        state["_rc_sketch"] = sketch_linears
         state["_rc_settings"] = RuntimeSettings(
             streams=streams, coupling=coupling, check_reconstruction=check_reconstruction
         )
@@ -112,6 +135,7 @@ class ReversibleModel(nn.Module):
         state["_rc_plan"] = None  # the first variant's plan: every later variant must match it
         state["_rc_tracer_used"] = None
         state["_rc_injected"] = {}
+        state["_rc_excluded"] = {}  # block name -> why the conversion check left it stored
 
     # -- compiling variants ------------------------------------------------------------
 
@@ -135,6 +159,8 @@ class ReversibleModel(nn.Module):
         compiled = compile_variant(
             self._rc_original, call, tracer=self._rc_tracer_used or self._rc_tracer,
             training=self.training, post_norm=self._rc_post_norm, require_blocks=expected is None,
+            excluded=self._rc_excluded,
+            sketch_linears=self._rc_sketch,
         )
         if expected is not None and compiled.plan.signature() != expected.signature():
             raise ConversionError(
@@ -152,6 +178,8 @@ class ReversibleModel(nn.Module):
                 self.add_module(name, value)
             else:
                 self.register_buffer(name, value, persistent=False)
+        if compiled.original_attributes and ORIGINAL_ATTRIBUTES not in self._modules:
+            self.add_module(ORIGINAL_ATTRIBUTES, OriginalAttributes(self._rc_original))
         return self._bind(compiled)
 
     def _bind(self, compiled: CompiledVariant) -> BoundVariant:
@@ -174,6 +202,17 @@ class ReversibleModel(nn.Module):
         self.__dict__["_rc_injected"] = training_defaults(self._rc_original, kwargs)
         call = bind_call(self._rc_original, args, kwargs, self._rc_injected)
         return self._variant_for(call)
+
+    def exclude_blocks(self, reasons: dict[str, str], args: tuple, kwargs: dict) -> None:
+        """Convert again for the example call with these blocks (name -> reason) left as
+        they are; ``explain`` lists them with their reasons."""
+        self.__dict__["_rc_excluded"] = {**self._rc_excluded, **reasons}
+        self.__dict__["_rc_variants"] = {}
+        self.__dict__["_rc_plan"] = None
+        for table in (self._buffers, self._modules):
+            for name in [n for n in table if n.startswith("_revcompile_constant_")]:
+                del table[name]
+        self.compile_for(args, kwargs)
 
     # -- running -------------------------------------------------------------------------
 

@@ -161,11 +161,18 @@ def _propagate_fake(gm: fx.GraphModule, inputs: list) -> None:
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+    # Leaf modules run with the model's real buffers, and some update them in place even on
+    # fake inputs (BatchNorm's `num_batches_tracked += 1`): tracing must not change the model.
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
     try:
         FakeTensorProp(gm, mode).propagate(*fakes)
     except Exception:  # noqa: BLE001 -- metadata is an aid to detection, not a requirement
         for node in gm.graph.nodes:
             node.meta.pop("val", None)
+    finally:
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
 
 
 def _dynamic_shapes(model: nn.Module, call: CallSignature):

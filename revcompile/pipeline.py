@@ -1,10 +1,12 @@
 """The compile pipeline for one call signature: trace -> normalize -> detect -> rewrite.
 
     model, call ──trace (fx, else export)──> GraphModule
-                ──normalize_graph──────────> guards gone, shape queries on the stream origin
+                ──normalize_graph──────────> a normalised copy: guards gone, shape queries on the
+                                              stream origin, in-place adds into temporaries out of place
                 ──find_reversible_blocks───> Plan (segments, skipped residuals + reasons)
                 ──rewrite_reversible───────> graph with reversible_segment_<i> calls
                                               + one SegmentProgram per segment
+                ──sketch_linears (opt-in)──> chosen linears call sketched_linear (docs/sketch.md)
 
 The result, a ``CompiledVariant``, holds no reference to the model: it is bound to one
 (``revcompile.converted``) to run.
@@ -24,8 +26,14 @@ from revcompile.passes.plan import Plan
 from revcompile.passes.rewrite import SegmentProgram, rewrite_reversible
 from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, Trace, TraceFailed, trace_model
+from revcompile.sketch import sketch_compiled
 
-__all__ = ["CompiledVariant", "compile_variant"]
+__all__ = ["CompiledVariant", "compile_variant", "ORIGINAL_ATTRIBUTES"]
+
+# Where a converted graph reads the original model's plain attributes (tensors assigned to
+# the model that are neither parameters nor buffers): a submodule of that name on the
+# converted model looks them up on the original at call time (``revcompile.converted``).
+ORIGINAL_ATTRIBUTES = "_revcompile_constant_original_attributes"
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,8 @@ class CompiledVariant:
     input_names: tuple[str, ...]  # fx: the keyword arguments, in placeholder order
     guard: object | None  # export: raises when a call's inputs don't fit the trace
     constants: dict = field(default_factory=dict)  # attribute name -> tensor made during tracing
+    original_attributes: tuple[str, ...] = ()  # plain attributes of the model the graph reads
+    sketched: tuple = ()  # revcompile.sketch.SketchedLinear ops (convert(..., sketch_linears=))
 
 
 def _resolves(model: nn.Module, target: str) -> bool:
@@ -50,25 +60,48 @@ def _resolves(model: nn.Module, target: str) -> bool:
         return False
 
 
-def _lift_constants(trace: Trace, model: nn.Module) -> dict:
-    """Attributes the tracer created (tensor constants, higher-order-op subgraphs) get names of their own.
+def _registered_at_top(model: nn.Module, target: str) -> bool:
+    """The first step of ``target`` is a submodule, parameter or buffer of ``model``."""
+    first = target.split(".")[0]
+    return first in model._modules or first in model._parameters or first in model._buffers
 
-    They are not part of the model, so the converted model holds them itself, as
-    non-persistent buffers or parameter-free submodules: ``state_dict`` is unaffected.
+
+def _lift_constants(gm: fx.GraphModule, model: nn.Module) -> tuple[dict, tuple[str, ...]]:
+    """Give every attribute the graph reads a home on the converted model.
+
+    Attributes the tracer created (tensor constants, higher-order-op subgraphs) are not part
+    of the model: they get names of their own and the converted model holds them itself, as
+    non-persistent buffers or parameter-free submodules (``state_dict`` is unaffected).
+    Plain attributes of the model (``self.pos_embedding = tensor``, neither parameter nor
+    buffer) are read from the original model when the graph runs, through
+    ``ORIGINAL_ATTRIBUTES``, so they are whatever the original holds at that moment.
+    Attributes under a registered submodule need nothing: the converted model shares them.
     """
-    constants = {}
-    for node in trace.graph_module.graph.nodes:
-        if node.op == "get_attr" and not _resolves(model, node.target):
-            value = trace.graph_module
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
-            name = f"_revcompile_constant_{uuid.uuid4().hex[:12]}"
-            constants[name] = value
-            setattr(trace.graph_module, name, value)
-            node.target = name
-    if constants:
-        trace.graph_module.recompile()
-    return constants
+    constants, plain = {}, []
+    stand_in = nn.Module()  # the trace's view of ORIGINAL_ATTRIBUTES: the values seen while tracing
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        target = str(node.target)
+        if _resolves(model, target):
+            if not _registered_at_top(model, target):
+                plain.append(target)
+                first = target.split(".")[0]
+                stand_in.__dict__[first] = getattr(model, first)
+                node.target = f"{ORIGINAL_ATTRIBUTES}.{target}"
+            continue
+        value = gm
+        for part in target.split("."):
+            value = getattr(value, part)
+        name = f"_revcompile_constant_{uuid.uuid4().hex[:12]}"
+        constants[name] = value
+        setattr(gm, name, value)
+        node.target = name
+    if plain:
+        setattr(gm, ORIGINAL_ATTRIBUTES, stand_in)
+    if constants or plain:
+        gm.recompile()
+    return constants, tuple(dict.fromkeys(plain))
 
 
 def _nothing_convertible(model: nn.Module, plan: Plan) -> ConversionError:
@@ -96,11 +129,14 @@ def compile_variant(
     training: bool,
     post_norm: str = "skip",
     require_blocks: bool = True,
+    excluded: dict | None = None,
+    sketch_linears=None,
 ) -> CompiledVariant:
     """Compile ``model`` for one call. ``tracer='auto'`` tries fx, then torch.export.
 
     With ``require_blocks`` (the first conversion) finding nothing to convert is an error;
-    later variants are compared with the first one by the caller instead.
+    later variants are compared with the first one by the caller instead. ``excluded``
+    maps block names to the reason they stay as they are.
     """
     attempts = ("fx", "export") if tracer == "auto" else (tracer,)
     failures: list[TraceFailed] = []
@@ -112,8 +148,8 @@ def compile_variant(
         except TraceFailed as failure:
             failures.append(failure)
             continue
-        normalize_graph(trace.graph_module)
-        plan = find_reversible_blocks(trace.graph_module, post_norm=post_norm)
+        trace = replace(trace, graph_module=normalize_graph(trace.graph_module).graph_module)
+        plan = find_reversible_blocks(trace.graph_module, post_norm=post_norm, excluded=excluded)
         if best is None or len(plan.blocks) > len(best[1].blocks):
             best = (trace, plan)
         if plan.blocks:
@@ -136,17 +172,20 @@ def compile_variant(
     if not plan.blocks and require_blocks:
         raise _nothing_convertible(model, plan)
 
-    constants = _lift_constants(trace, model)
+    constants, plain = _lift_constants(trace.graph_module, model)
     traced_graph = fx.Graph()
     traced_graph.output(traced_graph.graph_copy(trace.graph_module.graph, {}))
     result = rewrite_reversible(trace.graph_module, plan)
+    graph_module, segments, sketched = sketch_compiled(result.graph_module, result.segments, model, sketch_linears)
     return CompiledVariant(
         tracer=trace.tracer,
         plan=plan,
-        graph=result.graph_module.graph,
+        graph=graph_module.graph,
         traced_graph=traced_graph,
-        segments=result.segments,
+        segments=segments,
         input_names=trace.input_names,
         guard=trace.guard,
         constants=constants,
+        original_attributes=plain,
+        sketched=sketched,
     )

@@ -73,6 +73,7 @@ class MemoryReport:
     prediction_failure: str | None
     training: TrainingState
     capacity: BatchCapacity | None
+    sketch: object | None = None  # revcompile.sketch_variance.SketchReport when layers are sketched
 
     @property
     def saved_reduction(self) -> float:
@@ -159,6 +160,7 @@ class MemoryReport:
             }
         if self.capacity is not None:
             data["capacity"] = {**asdict(self.capacity), "gain": self.capacity.gain}
+        data["sketch"] = self.sketch.to_dict() if self.sketch is not None else None
         return data
 
 
@@ -353,4 +355,16 @@ def memory_report(
         prediction_failure=failure,
         training=state,
         capacity=capacity,
+        sketch=_sketched_linears(converted, args, kwargs, say),
     )
+
+
+def _sketched_linears(converted: nn.Module, args: tuple, kwargs: dict, say):
+    """Which layers ``convert(..., sketch_linears=)`` sketched, what they save, their gradient variance."""
+    from revcompile.sketch import sketched_layers
+    from revcompile.sketch_variance import sketch_report
+
+    if not sketched_layers(converted):
+        return None
+    say("measuring the sketched layers' memory and gradient variance")
+    return sketch_report(converted, args, kwargs, _loss)

@@ -135,6 +135,91 @@ class CastingBlock(PreNormBlock):
         return x + self.mlp(self.norm2(x))
 
 
+class PlainPositionStack(Stack):
+    """A position table kept as a plain tensor attribute (neither parameter nor buffer),
+    as vit-pytorch's SimpleViT does, and a per-block plain tensor attribute too."""
+
+    def __init__(self, depth=2, dim=DIM, length=5):
+        super().__init__(depth, dim)
+        self.pos_embedding = torch.randn(1, length, dim)
+        for block in self.blocks:
+            block.attn.scale = torch.tensor(0.5)
+
+    def forward(self, x):
+        x = self.embed(x) + self.pos_embedding
+        for block in self.blocks:
+            x = x + block.attn(block.norm1(x)) * block.attn.scale
+            x = x + block.mlp(block.norm2(x))
+        return self.head(x)
+
+
+class InplaceParallelBlock(nn.Module):
+    """GPT-J / CodeGen style parallel block written with an in-place sum:
+    ``mlp_out += attn_out; x + mlp_out``."""
+
+    def __init__(self, dim=DIM):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(dim), Attention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.Dropout(0.1))
+
+    def forward(self, x):
+        h = self.norm(x)
+        attn_out = self.attn(h)
+        mlp_out = self.mlp(h)
+        mlp_out += attn_out  # fx records `+` (a Proxy has no `+=`); torch.export records aten.add_
+        return x + mlp_out
+
+
+class InplaceMethodParallelBlock(InplaceParallelBlock):
+    """The same with the method spelling, which fx records as an in-place ``add_``."""
+
+    def forward(self, x):
+        h = self.norm(x)
+        attn_out = self.attn(h)
+        mlp_out = self.mlp(h)
+        mlp_out.add_(attn_out)
+        return x + mlp_out
+
+
+class FunctionalBatchNormBlock(PreNormBlock):
+    """BatchNorm written functionally on buffers (fx records a call_function)."""
+
+    def __init__(self, dim=DIM):
+        super().__init__(dim)
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        h = self.mlp(self.norm2(x)).transpose(1, 2)
+        h = nn.functional.batch_norm(h, self.running_mean, self.running_var, training=True)
+        return x + h.transpose(1, 2)
+
+
+class AtenBatchNormBlock(FunctionalBatchNormBlock):
+    """Calls the aten op whose schema marks its 4th and 5th arguments as written."""
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        h = self.mlp(self.norm2(x)).transpose(1, 2)
+        h = torch.ops.aten._native_batch_norm_legit.default(h, None, None, self.running_mean, self.running_var, True, 0.1, 1e-5)[0]
+        return x + h.transpose(1, 2)
+
+
+class BufferCountingBlock(PreNormBlock):
+    """Accumulates a statistic of its branch in a buffer, in place (fx: a call_method ``add_``)."""
+
+    def __init__(self, dim=DIM):
+        super().__init__(dim)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        h = self.mlp(self.norm2(x))
+        self.calls.add_(h.detach().mean())
+        return x + h
+
+
 def sequential(*blocks) -> nn.Module:
     class Model(nn.Module):
         def __init__(self):

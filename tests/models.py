@@ -80,23 +80,24 @@ def hf_llama(depth=3):
     return model, (torch.randint(0, 100, (BATCH, TOKENS)),), {}, depth
 
 
-def timm_swin(depths=(2, 2)):
+def timm_swin(depths=(2, 2), img_size=32, width=WIDTH, window=4):
     import timm
 
     model = timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4, window_size=4, embed_dim=WIDTH,
-        depths=depths, num_heads=(2, 4), num_classes=5, drop_path_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1,
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=img_size, patch_size=4, window_size=window,
+        embed_dim=width, depths=depths, num_heads=(2, 4), num_classes=5, drop_path_rate=0.1, proj_drop_rate=0.1,
+        attn_drop_rate=0.1,
     )
-    return model, (_images(),), {}, sum(depths)
+    return model, (_images(img_size),), {}, sum(depths)
 
 
-def timm_mvitv2():
+def timm_mvitv2(depths=(1, 2), img_size=32, width=WIDTH):
     from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 
-    cfg = MultiScaleVitCfg(depths=(1, 2), embed_dim=WIDTH, num_heads=1)
-    model = MultiScaleVit(cfg, img_size=(32, 32), num_classes=5, drop_path_rate=0.1)
-    # stage 2 starts with a transition block (pooled skip path): it stays ordinary autograd
-    return model, (_images(),), {}, 2
+    cfg = MultiScaleVitCfg(depths=depths, embed_dim=width, num_heads=1)
+    model = MultiScaleVit(cfg, img_size=(img_size, img_size), num_classes=5, drop_path_rate=0.1)
+    # every stage after the first starts with a transition block (pooled skip path): it stays ordinary autograd
+    return model, (_images(img_size),), {}, sum(depths) - (len(depths) - 1)
 
 
 def timm_eva02(depth=3):
@@ -109,14 +110,14 @@ def timm_eva02(depth=3):
     return model, (torch.randn(BATCH, 3, 28, 28),), {}, depth
 
 
-def timm_beit(depth=3):
+def timm_beit(depth=3, img_size=32, width=WIDTH):
     import timm
 
     model = timm.create_model(
-        "beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=depth, embed_dim=WIDTH,
+        "beit_base_patch16_224", pretrained=False, img_size=img_size, patch_size=8, depth=depth, embed_dim=width,
         num_heads=2, num_classes=5, drop_path_rate=0.1, proj_drop_rate=0.1,
     )
-    return model, (_images(),), {}, depth
+    return model, (_images(img_size),), {}, depth
 
 
 def timm_cait(depth=3):
@@ -129,14 +130,14 @@ def timm_cait(depth=3):
     return model, (_images(),), {}, depth + 2  # + two class-attention blocks
 
 
-def torchvision_swin():
+def torchvision_swin(depths=(2, 2), img_size=32, width=WIDTH, window=4):
     from torchvision.models.swin_transformer import SwinTransformer
 
     model = SwinTransformer(
-        patch_size=[4, 4], embed_dim=WIDTH, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+        patch_size=[4, 4], embed_dim=width, depths=list(depths), num_heads=[2, 4], window_size=[window, window],
         stochastic_depth_prob=0.1, dropout=0.1, attention_dropout=0.1, num_classes=5,
     )
-    return model, (_images(),), {}, 4
+    return model, (_images(img_size),), {}, sum(depths)
 
 
 def hf_bert(depth=2, model_type="bert"):

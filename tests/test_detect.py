@@ -14,8 +14,7 @@ from tests import blocks as B
 def plan_of(model, *inputs, post_norm="skip"):
     gm = fx.symbolic_trace(model)
     _propagate_fake(gm, list(inputs))
-    normalize_graph(gm)
-    return find_reversible_blocks(gm, post_norm=post_norm)
+    return find_reversible_blocks(normalize_graph(gm).graph_module, post_norm=post_norm)
 
 
 def test_pre_norm_blocks_chain_into_one_segment():
@@ -177,3 +176,39 @@ def test_residuals_inside_branches_are_not_reported():
     plan = plan_of(B.sequential(block), B.tokens())
     assert len(plan.blocks) == 1
     assert plan.residuals_found == 2 and plan.skipped == ()
+
+
+def test_writes_into_module_state_are_found_from_op_schemas_on_fx():
+    # F.batch_norm (running stats in its 2nd/3rd arguments, no schema of its own), the aten
+    # op whose schema marks its 4th and 5th arguments written, and a method writing a buffer
+    for block in (B.FunctionalBatchNormBlock(), B.AtenBatchNormBlock(), B.BufferCountingBlock()):
+        plan = plan_of(B.sequential(block), B.tokens())
+        assert plan.blocks == (), type(block).__name__
+        reasons = " ".join(s.reason for s in plan.skipped)
+        assert "module state" in reasons and "blocks.0." in reasons, reasons
+
+
+def test_batchnorm_branch_on_the_export_path_is_refused_and_buffers_match_stored_backward():
+    import copy
+
+    import revcompile
+
+    torch.manual_seed(0)
+    model = B.sequential(B.PreNormBlock(), B.BatchNormMlpBlock(), B.PreNormBlock()).double()
+    x = B.tokens(dtype=torch.float64)
+    steps = {}
+    for mode in ("reversible", "autograd"):
+        copy_of = copy.deepcopy(model)
+        converted = revcompile.convert(copy_of, x, tracer="export")
+        plan = revcompile.explain(converted)
+        assert [b.name for b in plan.blocks] == ["blocks.0", "blocks.2"], str(plan)
+        assert any("blocks.1.bn.running_mean" in s.reason and "twice" in s.reason for s in plan.skipped), str(plan)
+        revcompile.set_backward(converted, mode)
+        optimizer = torch.optim.SGD(converted.parameters(), lr=0.1)
+        converted(x).square().mean().backward()
+        optimizer.step()
+        steps[mode] = dict(copy_of.named_buffers())
+    assert steps["reversible"].keys() == steps["autograd"].keys() and steps["autograd"]
+    for name, value in steps["autograd"].items():
+        assert torch.equal(steps["reversible"][name], value), name
+    assert int(steps["reversible"]["blocks.1.bn.num_batches_tracked"]) == 1

@@ -43,8 +43,8 @@ def _traced(model, *inputs):
 def test_normalize_removes_guards_and_redirects_shape_queries():
     x = B.tokens()
     model = ShapeReadingStack()
-    gm = _traced(model, x)
-    result = normalize_graph(gm)
+    result = normalize_graph(_traced(model, x))
+    gm = result.graph_module
     assert result.guards_removed == 3
     assert result.shape_queries_redirected >= 2
     queried = {n.args[0].name for n in gm.graph.nodes if SHAPE_QUERY.matches(n)}
@@ -61,23 +61,20 @@ def test_normalize_keeps_effects_that_look_dead():
             y.div_(4)  # unused result, but it changes y
             return y + 1
 
-    gm = _traced(Scaled(), B.tokens())
-    normalize_graph(gm)
+    gm = normalize_graph(_traced(Scaled(), B.tokens())).graph_module
     x = B.tokens()
     torch.testing.assert_close(gm(x), x * 2 / 4 + 1)
 
 
 def _rewritten(model, x):
-    gm = _traced(model, x)
-    normalize_graph(gm)
+    gm = normalize_graph(_traced(model, x)).graph_module
     plan = find_reversible_blocks(gm)
     result = rewrite_reversible(gm, plan)
     return result.graph_module, plan, result
 
 
 def test_rewrite_leaves_its_input_graph_as_it_was():
-    gm = _traced(B.TappedStack(depth=4), B.tokens())
-    normalize_graph(gm)
+    gm = normalize_graph(_traced(B.TappedStack(depth=4), B.tokens())).graph_module
     plan = find_reversible_blocks(gm)
     before = gm.code
     result = rewrite_reversible(gm, plan)
@@ -153,3 +150,62 @@ def test_add_patterns_cover_both_dialects():
         assert RESIDUAL_ADD.matches(graph.call_function(target, (a, b)))
     assert RESIDUAL_ADD.matches(graph.call_method("add", (a, b)))
     assert not RESIDUAL_ADD.matches(graph.call_function(torch.mul, (a, b)))
+
+
+def test_normalize_leaves_the_callers_graph_untouched():
+    gm = _traced(ShapeReadingStack(), B.tokens())
+    code, nodes = gm.code, [n.name for n in gm.graph.nodes]
+    result = normalize_graph(gm)
+    assert result.modified and result.graph_module is not gm
+    assert gm.code == code and [n.name for n in gm.graph.nodes] == nodes
+    assert result.graph_module.code != code
+
+
+def test_in_place_sum_into_a_temporary_becomes_the_out_of_place_parallel_form():
+    x = B.tokens()
+    model = B.sequential(B.InplaceMethodParallelBlock(), B.InplaceMethodParallelBlock()).eval()
+    result = normalize_graph(_traced(model, x))
+    assert result.inplace_adds_made_out_of_place == 2
+    torch.testing.assert_close(result.graph_module(x), model(x), rtol=0, atol=0)
+    plan = find_reversible_blocks(result.graph_module)
+    assert [b.form for b in plan.blocks] == ["parallel", "parallel"] and plan.skipped == ()
+
+
+def test_in_place_add_into_a_value_read_before_is_left_alone():
+    class ReadBefore(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(B.DIM, B.DIM)
+
+        def forward(self, x):
+            h = self.fc(x)
+            doubled = h * 2
+            h.add_(x)
+            return doubled * h
+
+    class ViewTaken(ReadBefore):
+        def forward(self, x):
+            h = self.fc(x)
+            first = h[:, :1]  # a view taken before the write sees it
+            h.add_(x)
+            return first * h
+
+    x = B.tokens()
+    for model in (ReadBefore(), ViewTaken()):
+        result = normalize_graph(_traced(model, x))
+        assert result.inplace_adds_made_out_of_place == 0, type(model).__name__
+        torch.testing.assert_close(result.graph_module(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tracer, block", [("fx", B.InplaceMethodParallelBlock), ("export", B.InplaceParallelBlock)])
+def test_parallel_block_summed_in_place_converts_with_exact_gradients(tracer, block):
+    import revcompile
+    from tests.conftest import assert_gradients_match, perturb_parameters
+
+    torch.manual_seed(0)
+    model = perturb_parameters(B.sequential(block(), block()).double())
+    x = B.tokens(dtype=torch.float64)
+    converted = revcompile.convert(model, x, tracer=tracer)
+    plan = revcompile.explain(converted)
+    assert [b.form for b in plan.blocks] == ["parallel", "parallel"] and len(plan.segments) == 1, str(plan)
+    assert_gradients_match(converted, (x,), tol=1e-10)
