@@ -6,6 +6,7 @@ The pipeline, in the order ``revcompile.pipeline`` runs it:
     residuals   residual adds whose branch is a single-entry region (with the reason when not)
     detect      attention/MLP blocks, chains of them -> segments: a ``plan.Plan``
     rewrite     each segment -> one ``reversible_segment_<i>`` call + its branch programs
+    sketch      opt-in: chosen linear ops -> ones whose weight gradient comes from a sketch
     couplings   what a block computes: forward, inverse and gradient steps, what it saves
     schedule    each segment's backward as a program of steps, streams and waits
     memory      saved-for-backward and working bytes predicted on fake tensors

@@ -361,7 +361,7 @@ def memory_report(
 
 def _sketched_linears(converted: nn.Module, args: tuple, kwargs: dict, say):
     """Which layers ``convert(..., sketch_linears=)`` sketched, what they save, their gradient variance."""
-    from revcompile.sketch import sketched_layers
+    from revcompile.sketch_variance import sketched_layers
     from revcompile.sketch_variance import sketch_report
 
     if not sketched_layers(converted):

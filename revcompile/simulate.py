@@ -31,7 +31,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["LiveTensorBytes", "training_loss", "tensor_peak", "simulate_step_peak", "StepPeak"]
+__all__ = ["LiveTensorBytes", "training_loss", "tensor_peak", "simulate_step_peak", "StepPeak", "largest_fitting_batch"]
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -141,3 +141,44 @@ def simulate_step_peak(model: nn.Module, args: tuple, kwargs: dict | None = None
 def _fake(mode, parameter: torch.Tensor) -> torch.Tensor:
     """A fake stand-in that stays an ``nn.Parameter`` (segments look parameters up by name)."""
     return mode.from_tensor(parameter)
+
+
+def largest_fitting_batch(peak_at, room: int, guess: int, *, tolerance: float = 0.02, most: int = 1 << 20) -> int:
+    """The largest batch whose simulated peak ``peak_at(batch)`` stays within ``room`` bytes.
+
+    A line fitted through two batch sizes extrapolates a step's peak only approximately,
+    and a "largest batch" that is a few percent too large runs out of memory. So the line's
+    answer (``guess``) is only where the search starts: it brackets the answer with real
+    simulations of the step, then bisects until the bracket is within ``tolerance`` of the
+    batch (or one sample), and returns its lower end -- a batch that was simulated and fits.
+    Returns 0 if not even one sample fits.
+    """
+    fits = lambda batch: peak_at(batch) <= room  # noqa: E731
+    guess = max(1, min(guess, most))
+    if fits(guess):
+        low, high = guess, None
+        while high is None:
+            step = max(1, low // 8)
+            if low + step > most:
+                return low
+            if fits(low + step):
+                low += step
+            else:
+                high = low + step
+    else:
+        low, high = 0, guess
+        while high - low > 1 and low == 0:
+            probe = max(1, high // 2)
+            if fits(probe):
+                low = probe
+            else:
+                high = probe
+                if probe == 1:
+                    return 0
+    while high - low > max(1, int(low * tolerance)):
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low

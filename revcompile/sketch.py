@@ -68,8 +68,6 @@ __all__ = [
     "exact_linears",
     "row_probabilities",
     "seed_for",
-    "sketched_layers",
-    "sketched_parameters",
     "sketch_compiled",
 ]
 
@@ -283,22 +281,6 @@ class SketchedLinear:
 # --- wiring into a conversion -----------------------------------------------------------------------
 
 
-def _converted_models(module: nn.Module) -> list:
-    from revcompile.api import find_converted
-
-    return find_converted(module)
-
-
-def sketched_layers(module: nn.Module) -> dict[str, SketchedLinear]:
-    """The sketched layers of a converted model (over all its traced variants), by name."""
-    found: dict[str, SketchedLinear] = {}
-    for converted in _converted_models(module):
-        for variant in converted.reversible_variants:
-            for op in variant.compiled.sketched:
-                found.setdefault(op.layer, op)
-    return found
-
-
 def _chooser(config: SketchConfig, outside: set[str], everything: set[str]) -> Callable[[str], bool]:
     layers = config.layers
     if layers is None:
@@ -366,14 +348,3 @@ def sketch_compiled(gm: fx.GraphModule, segments: tuple, root: nn.Module, value)
             blocks.append(replace(block, **sides))
         new_segments.append(replace(seg, blocks=tuple(blocks)))
     return gm, tuple(new_segments), ops
-
-
-def sketched_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The weights whose gradients are sketched (approximate) in ``module``."""
-    params = []
-    for converted in _converted_models(module):
-        for op in sketched_layers(converted).values():
-            param = converted.get_parameter(op.weight)
-            if all(param is not p for p in params):
-                params.append(param)
-    return params

@@ -27,9 +27,31 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from revcompile.measure import saved_for_backward
-from revcompile.sketch import draw_sketch, exact_linears, row_probabilities, seed_for, sketched_layers, sketched_parameters
+from revcompile.api import find_converted
+from revcompile.sketch import SketchedLinear, draw_sketch, exact_linears, row_probabilities, seed_for
 
-__all__ = ["LayerVariance", "SketchReport", "expected_sketch_error", "sketch_variance", "sketch_report"]
+__all__ = ["LayerVariance", "SketchReport", "expected_sketch_error", "sketch_variance", "sketch_report", "sketched_layers", "sketched_parameters"]
+
+
+def sketched_layers(module: nn.Module) -> dict[str, SketchedLinear]:
+    """The sketched layers of a converted model (over all its traced variants), by name."""
+    found: dict[str, SketchedLinear] = {}
+    for converted in find_converted(module):
+        for variant in converted.reversible_variants:
+            for op in variant.compiled.sketched:
+                found.setdefault(op.layer, op)
+    return found
+
+
+def sketched_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The weights whose gradients are sketched (approximate) in ``module``."""
+    params = []
+    for converted in find_converted(module):
+        for op in sketched_layers(converted).values():
+            param = converted.get_parameter(op.weight)
+            if all(param is not p for p in params):
+                params.append(param)
+    return params
 
 
 def _inner(xa, ya, xb, yb) -> torch.Tensor:

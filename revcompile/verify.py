@@ -128,7 +128,8 @@ def verify(model: nn.Module, example_inputs=(), example_kwargs: dict | None = No
     global random generators are restored afterwards.
     """
     from revcompile.api import find_converted
-    from revcompile.sketch import exact_linears, sketched_parameters
+    from revcompile.sketch import exact_linears
+    from revcompile.sketch_variance import sketched_parameters
 
     converted = find_converted(model)
     if not converted:

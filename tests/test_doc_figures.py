@@ -16,7 +16,7 @@ A figure matches when the value rounds to it at the digits it is quoted with.
 In the docs listed in ``STRICT``, every figure in prose with a unit (x, %, s, ms, KiB, MiB,
 GiB) outside code must carry such a comment, unless it is a bound -- a target, a cap, a
 setting -- written after "within", "at least", "at most", "under", "over", "above", "below",
-"default", ">=" or "<=".
+"default", "every", ">=" or "<=".
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ NUMBER = r"\d[\d,]*(?:\.\d+)?"
 UNITS = {"KiB": 1 / 1024, "MiB": 1 / 1024**2, "GiB": 1 / 1024**3, "ms": 1e3, "%": 1e2, "s": 1.0, "x": 1.0, "": 1.0}
 FIGURE = re.compile(rf"(?P<number>{NUMBER})(?:-(?P<upper>{NUMBER}))?\s?(?P<unit>KiB|MiB|GiB|ms|%|s|x)?$")
 UNIT_FIGURE = re.compile(rf"(?<![\w.^/*-])({NUMBER})(?:-{NUMBER})?\s?(?:KiB|MiB|GiB|ms|%|s|x)(?!\w)")
-BOUND = re.compile(r"(?:within|at least|at most|under|over|above|below|default|>=|<=)(?: the| a| an)?\s*[~]?$")
+BOUND = re.compile(r"(?:within|at least|at most|under|over|above|below|default|every|>=|<=)(?: the| a| an)?\s*[~]?$")
 
 
 def _lookup(data, key: str):
