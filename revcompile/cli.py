@@ -1,6 +1,8 @@
 """The ``revcompile`` command line.
 
     revcompile report [MODEL] [--memory-cap 16GiB] [--json]   what conversion saves, measured and predicted
+    revcompile report MODEL --predict-only [--dtype bfloat16] [--autocast bfloat16] --memory-cap 80GiB
+                                                           the same predicted without allocating: will it fit?
     revcompile show [MODEL] [-o FILE.svg] [--before] [--expand]   what became reversible, as a picture
 
 MODEL is ``timm:NAME``, ``torchvision:NAME``, ``hf:MODEL_TYPE`` or ``package.module:callable``
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timm:NAME, torchvision:NAME, hf:MODEL_TYPE or package.module:callable (default: built-in ViT)")
     model.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                        help="model constructor / config override, repeatable (e.g. --config n_layer=24)")
-    model.add_argument("--seq-len", type=int, default=128, help="tokens per sample for language models")
+    model.add_argument("--seq-len", type=int, default=None,
+                       help="tokens per sample for language models (default 128, capped by the config's positions)")
     model.add_argument("--image-size", type=int, default=None, help="image side for vision models (default: the model's)")
     model.add_argument("--input-shape", type=_input_shape, default=None, metavar="C,H,W",
                        help="for package.module:callable models: one sample's input shape (a float tensor)")
@@ -76,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reserve", default="512MiB", metavar="SIZE",
                         help="memory that is not tensors: CUDA context, fragmentation (default 512MiB)")
     report.add_argument("--json", action="store_true", help="write the report as JSON on stdout")
+    report.add_argument("--predict-only", action="store_true",
+                        help="build on the meta device, predict without allocating or measuring (models too large to hold)")
+    report.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                        help="--predict-only: count the step as run under CPU autocast in this dtype")
     report.add_argument("--sketch-linears", type=float, default=None, metavar="FRACTION",
                         help="opt-in approximate weight gradients: sketch linear layers outside reversible segments, "
                         "keeping FRACTION of their input (docs/sketch.md)")
@@ -192,6 +199,10 @@ def _report(args, console: Console) -> int:
     from revcompile.api import convert
     from revcompile.report import memory_report
 
+    if args.predict_only:
+        return _predict_only(args, console)
+    if args.autocast is not None:
+        raise ReportError("--autocast is counted by --predict-only; a measured report runs without autocast")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ReportError("--device cuda: no CUDA device is available here; use --device cpu")
     built, model, inputs, kwargs = _build(args, console, args.device, DTYPES[args.dtype])
@@ -215,6 +226,64 @@ def _report(args, console: Console) -> int:
     else:
         out.print("[dim]Add --memory-cap 16GiB to see the largest batch that fits.[/dim]")
     out.print(_headline(report))
+    return 0
+
+
+def _print_fit(out: Console, fit) -> None:
+    from revcompile.predict import NO_STORAGE
+
+    p, state, plan = fit.prediction, fit.training, fit.plan
+    amp = f" · autocast {fit.autocast} (CPU policy)" if fit.autocast else ""
+    out.print(f"[bold]{fit.model}[/bold] · {fit.parameter_count / 1e9:.2f}B parameters · {fit.dtype}{amp} · {plan.tracer} trace")
+    out.print(f"[bold]Predicted, not measured[/bold]: {NO_STORAGE}.")
+    out.print(f"Converted [bold green]{len(plan.blocks)} blocks[/bold green] into {len(plan.segments)} reversible "
+              f"segment{'s' if len(plan.segments) != 1 else ''}; {len(plan.skipped)} of {plan.residuals_found} residuals left alone.")
+    for note in (*fit.notes, *plan.notes, *p.notes):
+        out.print(f"  [dim]note: {note}[/dim]")
+    table = Table(title="Predicted training step (activations fitted at batches "
+                        f"{', '.join(map(str, p.batches))}; kernels as on CPU)")
+    for name, justify in (("", "left"), ("original", "right"), ("converted", "right")):
+        table.add_column(name, justify=justify)
+    table.add_row("activations saved for backward, per sample", format_bytes(p.original_saved.per_sample),
+                  format_bytes(p.converted_saved.per_sample))
+    table.add_row("peak activations, per sample", format_bytes(p.original_peak.per_sample), format_bytes(p.converted_peak.per_sample))
+    table.add_row("peak activations, fixed (any batch)", format_bytes(p.original_peak.fixed), format_bytes(p.converted_peak.fixed))
+    table.add_row("parameters + gradients", format_bytes(state.parameters + state.gradients), "same")
+    table.add_row(f"{OPTIMIZER_NAMES[state.optimizer]} state ({OPTIMIZER_STATE[state.optimizer]} per parameter, float32)",
+                  format_bytes(state.optimizer_state), "same")
+    table.add_row("reserve (CUDA context, fragmentation)", format_bytes(state.reserve), "same")
+    for batch in (1, fit.example_batch):
+        table.add_row(f"peak of the step at batch {batch}", format_bytes(state.total + p.original_peak.at(batch)),
+                      format_bytes(state.total + p.converted_peak.at(batch)))
+    cap = fit.capacity
+    if cap is not None:
+        table.add_row(f"[bold]largest batch under {format_bytes(cap.memory_cap)}[/bold]", f"[bold]{cap.original:,}[/bold]",
+                      f"[bold green]{cap.converted:,}[/bold green]")
+    out.print(table)
+    if cap is None:
+        out.print("[dim]Add --memory-cap 80GiB to see the largest batch that fits.[/dim]")
+
+
+def _predict_only(args, console: Console) -> int:
+    from revcompile.predict import predict_memory
+
+    if args.device != "cpu":
+        raise ReportError("--predict-only runs nothing on a device; leave out --device")
+    if getattr(args, "sketch_linears", None) is not None:
+        raise ReportError("--predict-only does not predict sketched linears yet; leave out --sketch-linears")
+    spec = parse_spec(args.model)
+    with console.status(f"building {spec} on the meta device ..."):
+        built = build_model(spec, parse_config(args.config), batch_size=args.batch_size, seq_len=args.seq_len,
+                            image_size=args.image_size, input_shape=args.input_shape, device="meta")
+    with console.status("tracing and converting on fake tensors ...") as status:
+        fit = predict_memory(built.model, built.args, built.kwargs, dtype=DTYPES[args.dtype],
+                             autocast=args.autocast, memory_cap=args.memory_cap, optimizer=args.optimizer,
+                             reserve=args.reserve, tracer=args.tracer, name=built.label, notes=built.notes,
+                             progress=lambda text: status.update(f"{text} ..."))
+    if args.json:
+        print(json.dumps(fit.to_dict(), indent=2))
+    else:
+        _print_fit(Console(), fit)
     return 0
 
 

@@ -224,17 +224,6 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return int(first.shape[0]) if first is not None else None
 
 
-def _graph_inputs(converted: nn.Module, compiled, args: tuple, kwargs: dict) -> list:
-    """The values of the traced graph's placeholders for this call, in order."""
-    from revcompile.frontend import bind_call, training_defaults
-
-    original = converted.original_model
-    call = bind_call(original, args, kwargs, training_defaults(original, kwargs))
-    if compiled.tracer == "fx":
-        return [call.keyword[name] for name in compiled.input_names]
-    return list(call.flat_inputs())
-
-
 def _at_batch(values: list, batch: int, new_batch: int) -> list:
     """The same inputs with ``new_batch`` rows (repeating the given ones); nested structures too."""
     def resize(value):
@@ -247,8 +236,9 @@ def _at_batch(values: list, batch: int, new_batch: int) -> list:
 
 def predict(converted: nn.Module, args: tuple, kwargs: dict, avoid_batch: int) -> MemoryPrediction:
     """``revcompile.passes.memory`` on the first compiled variant, fitted at batches other than ``avoid_batch``."""
-    compiled = converted.reversible_variants[0].compiled
-    inputs = _graph_inputs(converted, compiled, args, kwargs)
+    variant = converted.reversible_variants[0]
+    compiled = variant.compiled
+    inputs = variant.placeholder_values(converted.call_signature(args, kwargs))
 
     def run(batches):
         return predict_activation_memory(
