@@ -8,14 +8,17 @@
 MODEL is ``timm:NAME``, ``torchvision:NAME``, ``hf:MODEL_TYPE`` or ``package.module:callable``
 (see ``revcompile.models_spec``); without one, the built-in reference ViT (12 blocks), so
 that a fresh install shows what revcompile does with one command. Mistakes a user can make
-(an unknown model, a bad ``--config``, a memory cap nothing fits) end in one line on
-stderr and a non-zero exit status, never in a traceback.
+(an unknown model, a bad ``--config``, example inputs the model cannot take, a memory cap
+nothing fits) end in one line on stderr and a non-zero exit status, never in a traceback.
+torch's own logging and warnings are silenced (``revcompile.quiet``); ``--verbose`` lets
+them through.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import torch
@@ -28,9 +31,10 @@ from revcompile.budget import (
     ReportError,
     format_bytes,
 )
-from revcompile.errors import ConversionError
+from revcompile.errors import ConversionError, one_line
 from revcompile.frontend import TRACERS
 from revcompile.models_spec import SpecError, build_model, parse_config, parse_spec
+from revcompile.quiet import LOGGER, quiet_torch
 
 __all__ = ["main", "build_parser"]
 
@@ -62,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="for package.module:callable models: one sample's input shape (a float tensor)")
     model.add_argument("--tracer", choices=TRACERS, default="auto")
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--verbose", action="store_true", help="let torch's tracing logs and warnings through (to stderr)")
 
     parser = _Parser(prog="revcompile", description="Convert transformers into reversible networks.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -168,7 +173,7 @@ def _print_prediction(console: Console, report) -> None:
 
 def _print_capacity(console: Console, report) -> None:
     cap, state = report.capacity, report.training
-    table = Table(title=f"Largest training batch under {format_bytes(cap.memory_cap)} ({OPTIMIZER_NAMES[state.optimizer]})")
+    table = Table(title=f"Predicted largest training batch under {format_bytes(cap.memory_cap)} ({OPTIMIZER_NAMES[state.optimizer]})")
     for name, justify in (("", "left"), ("original", "right"), ("converted", "right")):
         table.add_column(name, justify=justify)
     table.add_row("parameters + gradients", format_bytes(state.parameters + state.gradients), "same")
@@ -186,7 +191,7 @@ def _headline(report) -> str:
     cap = report.capacity
     if cap is not None:
         gain = f" ({cap.gain:.1f}x)" if cap.gain else " (the original does not fit at all)"
-        line += f"; under {format_bytes(cap.memory_cap)} the largest batch goes from {cap.original:,} to [bold green]{cap.converted:,}[/bold green]{gain}"
+        line += f"; under {format_bytes(cap.memory_cap)} the predicted largest batch goes from {cap.original:,} to [bold green]{cap.converted:,}[/bold green]{gain}"
     return line + "."
 
 
@@ -300,16 +305,27 @@ def _show(args, console: Console) -> int:
     return 0
 
 
+def _verbose_logging() -> None:
+    """``--verbose``: the ``revcompile`` logger at DEBUG, which ``quiet_torch`` reads as "let it through"."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.DEBUG)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(file=sys.stderr)  # bound now: quiet_torch swaps sys.stderr for torch's prints
+    if args.verbose:
+        _verbose_logging()
     try:
-        return (_report if args.command == "report" else _show)(args, console)
+        with quiet_torch():
+            return (_report if args.command == "report" else _show)(args, console)
     except (SpecError, ReportError) as err:
-        print(f"revcompile: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"revcompile: error: {one_line(err, with_type=False)}", file=sys.stderr)
         return 2
     except ConversionError as err:
-        print(f"revcompile: cannot convert: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"revcompile: cannot convert: {one_line(err, with_type=False)}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:
         print("revcompile: error: out of memory while measuring; try a smaller --batch-size", file=sys.stderr)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from revcompile.errors import one_line
+
 __all__ = ["SpecError", "ModelSpec", "BuiltModel", "parse_spec", "parse_config", "build_model", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "reference-vit"
@@ -102,9 +104,14 @@ def parse_config(items: list[str] | None) -> dict:
     return config
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+def _describe_value(value) -> str:
+    """What a callable returned, as a user would recognise it: ``a tuple of 3 (Tensor, Tensor, int)``."""
+    if isinstance(value, (tuple, list)):
+        kinds = ", ".join(type(v).__name__ for v in value[:4]) + (", ..." if len(value) > 4 else "")
+        return f"a {type(value).__name__} of {len(value)} ({kinds})"
+    if isinstance(value, type):
+        return f"the class {value.__name__} (not an instance)"
+    return f"a {type(value).__name__}" if value is not None else "None"
 
 
 def _suggest(name: str, known) -> str:
@@ -122,10 +129,10 @@ def _construct(what: str, factory, config: dict):
         return factory(**config)
     except Exception as err:  # noqa: BLE001 -- a config key or value the model rejects
         if isinstance(err, TypeError) and config:
-            raise SpecError(f"{what} does not accept this --config ({_first_line(err)})") from None
+            raise SpecError(f"{what} does not accept this --config ({one_line(err, limit=200)})") from None
         meta = (" on the meta device (--predict-only): its constructor reads tensor values"
                 if torch.get_default_device().type == "meta" else "")
-        raise SpecError(f"cannot build {what}{' with this --config' if config else ''}{meta} ({_first_line(err)})") from None
+        raise SpecError(f"cannot build {what}{' with this --config' if config else ''}{meta} ({one_line(err, limit=200)})") from None
 
 
 def _builtin(config: dict, batch: int) -> BuiltModel:
@@ -196,7 +203,7 @@ def _hf(model_type: str, config: dict, batch: int, seq_len: int | None, image_si
     try:
         hf_config = AutoConfig.for_model(model_type, **config)
     except Exception as err:  # noqa: BLE001 -- invalid combinations of config values
-        raise SpecError(f"cannot build hf:{model_type} from this config ({_first_line(err)})") from None
+        raise SpecError(f"cannot build hf:{model_type} from this config ({one_line(err, limit=200)})") from None
     length, notes = _fit_positions(hf_config, config, seq_len)
     model = _construct(f"hf:{model_type} from this config", lambda: AutoModel.from_config(hf_config), {})
     model.train()
@@ -216,7 +223,7 @@ def _callable(spec: str, config: dict, batch: int, input_shape: tuple[int, ...] 
         target = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 -- any import failure is the user's to fix
         raise SpecError(
-            f"cannot import {module_name!r} ({_first_line(err)}); model specs are timm:NAME, torchvision:NAME, "
+            f"cannot import {module_name!r} ({one_line(err, limit=200)}); model specs are timm:NAME, torchvision:NAME, "
             "hf:MODEL_TYPE or package.module:callable"
         ) from None
     for part in attr.split("."):
@@ -231,7 +238,10 @@ def _callable(spec: str, config: dict, batch: int, input_shape: tuple[int, ...] 
         model, args = built
         args = args if isinstance(args, tuple) else (args,)
     if not isinstance(model, nn.Module):
-        raise SpecError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module (or a (model, inputs) pair)")
+        raise SpecError(
+            f"{spec!r} returned {_describe_value(built)}; expected a torch.nn.Module, or a pair (model, example inputs) "
+            "with the model first and the inputs a tensor or a tuple of them"
+        )
     if input_shape is not None:
         args = (torch.randn(batch, *input_shape),)
     if args is None:
