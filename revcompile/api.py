@@ -88,10 +88,7 @@ def convert(
     input and what the failing op expected), when tracing fails, when nothing is
     convertible, or when the check fails.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, ReversibleModel):
-        raise ConversionError("this model is already converted; call revcompile.unconvert(model) to get the original")
+    _check_model(model)
     options = {"tracer": (tracer, TRACERS), "post_norm": (post_norm, POST_NORM), "streams": (streams, STREAM_PRECISIONS)}
     for option, (value, choices) in options.items():
         require_choice(option, value, choices)
@@ -116,6 +113,13 @@ def convert(
     if isinstance(chosen, DualResidual):  # a pretrained model's user needs this before fine-tuning
         converted.__dict__["_rc_distance"] = function_distance(model, converted, args, kwargs)
     return converted
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, ReversibleModel):
+        raise ConversionError("this model is already converted; call revcompile.unconvert(model) to get the original")
 
 
 def find_converted(module: nn.Module) -> list[ReversibleModel]:

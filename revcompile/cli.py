@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--input-shape", type=_input_shape, default=None, metavar="C,H,W",
                        help="for package.module:callable models: one sample's input shape (a float tensor)")
     model.add_argument("--tracer", choices=TRACERS, default="auto")
+    model.add_argument("--coupling", choices=("revvit", "dual"), default="revvit",
+                       help="what the converted blocks compute: revvit (default, a new architecture) or dual "
+                            "(keeps a pretrained model's function within ~beta)")
+    model.add_argument("--beta", type=float, default=None, help="dual coupling: beta = 2**-k (default 2**-8)")
+    model.add_argument("--alpha", type=float, default=None, help="dual coupling: alpha (default 1 - beta)")
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--verbose", action="store_true", help="let torch's tracing logs and warnings through (to stderr)")
 
@@ -209,7 +214,7 @@ def _report(args, console: Console) -> int:
     if args.memory_cap is None and args.device == "cuda":  # what this device has
         args.memory_cap = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     with console.status("tracing and converting ...") as status:
-        converted = convert(model.train(), inputs, kwargs, tracer=args.tracer, sketch_linears=args.sketch_linears)
+        converted = convert(model.train(), inputs, kwargs, sketch_linears=args.sketch_linears, **_conversion(args))
         report = memory_report(model, inputs, kwargs, converted=converted, name=built.label, memory_cap=args.memory_cap,
                                optimizer=args.optimizer, reserve=args.reserve, progress=lambda text: status.update(f"{text} ..."))
     if args.json:
@@ -287,6 +292,17 @@ def _predict_only(args, console: Console) -> int:
     return 0
 
 
+def _conversion(args) -> dict:
+    """The ``convert`` options the command line chose (a bad coefficient is a one-line error)."""
+    from revcompile.passes.couplings import make_coupling
+
+    try:
+        make_coupling(args.coupling, beta=args.beta, alpha=args.alpha)
+    except ValueError as err:
+        raise ReportError(f"--coupling {args.coupling}: {err}") from None
+    return {"tracer": args.tracer, "coupling": args.coupling, "beta": args.beta, "alpha": args.alpha}
+
+
 def _show(args, console: Console) -> int:
     from revcompile.api import convert
     from revcompile.show import FORMATS, draw, plan_tree
@@ -295,7 +311,7 @@ def _show(args, console: Console) -> int:
         raise ReportError(f"-o {args.output}: the file name must end in one of {', '.join(FORMATS)}")
     built, model, inputs, kwargs = _build(args, console)
     with console.status("tracing and converting ..."):
-        converted = convert(model, inputs, kwargs, tracer=args.tracer)
+        converted = convert(model, inputs, kwargs, **_conversion(args))
     if args.output is None:
         Console().print(plan_tree(converted, built.label))
         return 0

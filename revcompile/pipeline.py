@@ -121,22 +121,11 @@ def _nothing_convertible(model: nn.Module, plan: Plan) -> ConversionError:
     )
 
 
-def compile_variant(
-    model: nn.Module,
-    call: CallSignature,
-    *,
-    tracer: str,
-    training: bool,
-    post_norm: str = "skip",
-    require_blocks: bool = True,
-    excluded: dict | None = None,
-    sketch_linears=None,
-) -> CompiledVariant:
-    """Compile ``model`` for one call. ``tracer='auto'`` tries fx, then torch.export.
+def _trace_and_detect(model: nn.Module, call: CallSignature, tracer: str, training: bool, post_norm: str,
+                      excluded: dict | None) -> tuple[Trace, Plan]:
+    """Trace (fx, then export for ``"auto"``), normalize and detect; the trace that converts most.
 
-    With ``require_blocks`` (the first conversion) finding nothing to convert is an error;
-    later variants are compared with the first one by the caller instead. ``excluded``
-    maps block names to the reason they stay as they are.
+    The plan's notes say which tracer failed and why, and which arguments revcompile fixed.
     """
     attempts = ("fx", "export") if tracer == "auto" else (tracer,)
     failures: list[TraceFailed] = []
@@ -168,7 +157,27 @@ def compile_variant(
         f"{key}={value!r} is passed to the model: a key/value cache would keep every layer's keys and values alive"
         for key, value in call.injected.items()
     )
-    plan = replace(plan, tracer=trace.tracer, notes=plan.notes + tuple(notes))
+    return trace, replace(plan, tracer=trace.tracer, notes=plan.notes + tuple(notes))
+
+
+def compile_variant(
+    model: nn.Module,
+    call: CallSignature,
+    *,
+    tracer: str,
+    training: bool,
+    post_norm: str = "skip",
+    require_blocks: bool = True,
+    excluded: dict | None = None,
+    sketch_linears=None,
+) -> CompiledVariant:
+    """Compile ``model`` for one call. ``tracer='auto'`` tries fx, then torch.export.
+
+    With ``require_blocks`` (the first conversion) finding nothing to convert is an error;
+    later variants are compared with the first one by the caller instead. ``excluded``
+    maps block names to the reason they stay as they are.
+    """
+    trace, plan = _trace_and_detect(model, call, tracer, training, post_norm, excluded)
     if not plan.blocks and require_blocks:
         raise _nothing_convertible(model, plan)
 

@@ -112,24 +112,12 @@ class MemoryReport:
 
     def to_dict(self) -> dict:
         """Everything in the report as plain JSON values (bytes as integers)."""
-        plan = self.plan
         data = {
             "model": self.model,
             "batch_size": self.batch_size,
             "device": self.device,
             "dtype": self.dtype,
-            "plan": {
-                "tracer": plan.tracer,
-                "residuals_found": plan.residuals_found,
-                "blocks": len(plan.blocks),
-                "segments": [
-                    {"index": s.index, "name": s.name, "blocks": [b.name for b in s.blocks],
-                     "side_inputs": list(s.side_inputs), "ends_because": s.ends_because}
-                    for s in plan.segments
-                ],
-                "skipped": [asdict(s) for s in plan.skipped],
-                "notes": list(plan.notes),
-            },
+            "plan": plan_dict(self.plan),
             "measured": {
                 "original": asdict(self.original),
                 "converted": asdict(self.converted),
@@ -143,25 +131,44 @@ class MemoryReport:
             "capacity": None,
         }
         if self.prediction is not None:
-            p = self.prediction
-            data["prediction"] = {
-                "method": "saved tensors of the traced and rewritten graphs, and each training step run whole, "
-                          "on fake tensors; linear in the batch",
-                "batches": list(p.batches),
-                "original_saved": asdict(p.original_saved),
-                "converted_saved": asdict(p.converted_saved),
-                "original_peak": asdict(p.original_peak),
-                "converted_peak": asdict(p.converted_peak),
-                "parts": [{"name": part.name, "kind": part.kind, "original": asdict(part.original),
-                           "converted": asdict(part.converted)} for part in p.parts],
-                "at_measured_batch": self.predicted(),
-                "relative_error": self.prediction_errors(),
-                "notes": list(p.notes),
-            }
+            data["prediction"] = {**prediction_dict(self.prediction), "at_measured_batch": self.predicted(),
+                                  "relative_error": self.prediction_errors()}
         if self.capacity is not None:
             data["capacity"] = {**asdict(self.capacity), "gain": self.capacity.gain}
         data["sketch"] = self.sketch.to_dict() if self.sketch is not None else None
         return data
+
+
+def plan_dict(plan: Plan) -> dict:
+    """What was converted, as plain JSON values."""
+    return {
+        "tracer": plan.tracer,
+        "residuals_found": plan.residuals_found,
+        "blocks": len(plan.blocks),
+        "segments": [
+            {"index": s.index, "name": s.name, "blocks": [b.name for b in s.blocks],
+             "side_inputs": list(s.side_inputs), "ends_because": s.ends_because}
+            for s in plan.segments
+        ],
+        "skipped": [asdict(s) for s in plan.skipped],
+        "notes": list(plan.notes),
+    }
+
+
+def prediction_dict(p: MemoryPrediction) -> dict:
+    """A memory prediction as plain JSON values (bytes as lines in the batch size)."""
+    return {
+        "method": "saved tensors of the traced and rewritten graphs, and each training step run whole, "
+                  "on fake tensors; linear in the batch",
+        "batches": list(p.batches),
+        "original_saved": asdict(p.original_saved),
+        "converted_saved": asdict(p.converted_saved),
+        "original_peak": asdict(p.original_peak),
+        "converted_peak": asdict(p.converted_peak),
+        "parts": [{"name": part.name, "kind": part.kind, "original": asdict(part.original),
+                   "converted": asdict(part.converted)} for part in p.parts],
+        "notes": list(p.notes),
+    }
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -304,6 +311,14 @@ def _capacity(cap: int, state: TrainingState, prediction: MemoryPrediction | Non
     return batch_capacity(cap, state, *lines, basis)
 
 
+def _prediction_or_failure(converted: nn.Module, args: tuple, kwargs: dict, batch: int | None):
+    """``(prediction, None)``, or ``(None, why)`` when the graphs cannot be run on fake tensors."""
+    try:
+        return predict(converted, args, kwargs, batch or 1), None
+    except PredictionFailed as err:
+        return None, str(err)
+
+
 def memory_report(
     model: nn.Module,
     example_inputs=(),
@@ -340,11 +355,7 @@ def memory_report(
     converted.train()
     batch = _batch_size(args, kwargs)
     say("predicting memory from the graphs (fake tensors)")
-    prediction, failure = None, None
-    try:
-        prediction = predict(converted, args, kwargs, batch or 1)
-    except PredictionFailed as err:
-        failure = str(err)
+    prediction, failure = _prediction_or_failure(converted, args, kwargs, batch)
     if cap is not None and prediction is not None:
         _capacity(cap, state, prediction, None, batch)  # fail before measuring
     say("measuring one training step of the original")

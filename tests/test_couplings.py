@@ -218,3 +218,20 @@ def test_a_lora_wrapped_hf_model_converts_with_dual_and_only_adapters_get_exact_
     trainable = [n for n, p in converted.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert assert_gradients_match(converted, args, kwargs, tol=1e-12) == len(trainable)
+
+
+def test_the_cli_reports_the_dual_coupling_and_refuses_a_bad_beta():
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "revcompile.cli", "report", "reference-vit", "--config", "depth=2", "--config", "dim=32", "--config", "heads=2",
+               "--batch-size", "2", "--coupling", "dual", "--beta", "0.0625", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    notes = json.loads(done.stdout)["plan"]["notes"]
+    assert any("dual residual, beta = 2^-4" in n for n in notes)
+    assert any("function distance at conversion" in n for n in notes)
+    bad = subprocess.run(command[:-3] + ["--beta", "0.3"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "nearest are 2**-2 = 0.25 or 2**-1 = 0.5" in bad.stderr and len(bad.stderr.strip().splitlines()) <= 5
