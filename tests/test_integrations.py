@@ -76,6 +76,14 @@ def test_hf_trainer_trains_a_converted_gpt2_and_saves_the_original_checkpoint(tm
     converted.eval(), again.eval()
     assert torch.equal(again(tokens).logits, converted(tokens).logits)
 
+    # and Trainer's own resume loads it into a converted model (at max_steps: no step taken after)
+    resumed = copy.deepcopy(converted).train()
+    for parameter in resumed.parameters():
+        parameter.data.zero_()
+    OriginalCheckpointTrainer(model=resumed, args=args, train_dataset=trainer.train_dataset).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    _assert_same_state(resumed.state_dict(), trained)
+
 
 # -- Accelerate ----------------------------------------------------------------------------
 
