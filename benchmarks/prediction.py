@@ -13,7 +13,8 @@ that batch, for the original and the converted model:
   it misses peaks shorter than its interval, shown as a cross-check.
 
 Then "largest batch": under a small memory cap, the batch the report predicts for the
-converted model is run for real, and its parameters + gradients + AdamW state + measured
+converted model (``searched_capacity``: simulated steps at candidate batches, starting from
+the fitted line's answer, which is kept in the results for comparison) is run for real, and its parameters + gradients + AdamW state + measured
 peak must fit the cap. Results go to ``<out>/prediction.json`` and ``prediction.md``;
 docs/benchmarks.md quotes them.
 """
@@ -30,7 +31,7 @@ import torch
 
 import revcompile
 from revcompile.budget import batch_capacity, training_state
-from revcompile.report import _at_batch, measure_step, predict
+from revcompile.report import _at_batch, measure_step, predict, searched_capacity
 
 
 def reference_vit():
@@ -82,10 +83,13 @@ def largest_batch_fits(model, converted, args, kwargs, cap: int) -> dict:
     state = training_state(model, "adamw", reserve=0)
     prediction = predict(converted, args, kwargs, 1)
     capacity = batch_capacity(cap, state, prediction.original_peak, prediction.converted_peak, "simulated peak")
+    line = capacity
+    capacity = searched_capacity(capacity, state, converted, args, kwargs, 1)
     at_args, at_kwargs = _at_batch([args, kwargs], 1, capacity.converted)
     measured = measure_step(converted, at_args, at_kwargs)
     used = state.total + measured.peak_bytes
     return {"cap": cap, "predicted_largest_batch": capacity.converted, "original_largest_batch": capacity.original,
+            "line_estimate": {"original": line.original, "converted": line.converted},
             "measured_at_that_batch": used, "fits": used <= cap}
 
 

@@ -42,6 +42,8 @@ from typing import ClassVar
 
 import torch
 
+from revcompile.passes.plan import require_choice
+
 __all__ = [
     "STREAM_PRECISIONS",
     "GRID_BITS",
@@ -274,8 +276,7 @@ class RevViT(Coupling):
     fusion: str = "mean"
 
     def __post_init__(self):
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {sorted(FUSIONS)}, got {self.fusion!r}")
+        require_choice("fusion", self.fusion, FUSIONS)
 
     def label(self) -> str:
         return f"Rev-ViT coupling, fusion {self.fusion}"

@@ -23,12 +23,14 @@ top-level residual left alone is reported with its reason.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import networkx as nx
 import torch.fx as fx
 
 from revcompile.passes.graph_view import GraphView, shape_key
 from revcompile.passes.patterns import NORM, RESIDUAL_ADD, STREAM_TRANSPARENT, is_layout_reshape
-from revcompile.passes.plan import Block, Branch, Plan, Residual, Segment, Skipped
+from revcompile.passes.plan import Block, Branch, Plan, Residual, Segment, Skipped, require_choice
 from revcompile.passes.residuals import find_residuals, make_branch
 
 __all__ = ["POST_NORM", "find_reversible_blocks"]
@@ -42,6 +44,21 @@ _POST_NORM_HINT = (
     "post-norm block (a norm after the residual add); pass post_norm='move' to convert it with "
     "each norm moved into the branch that follows (see docs/design.md)"
 )
+
+
+@dataclass(frozen=True)
+class _Handover:
+    """How the stream passes from one residual to the next.
+
+    ``chain``: the value-keeping ops in between when nothing else reads the stream there;
+    else None and ``reason`` says why. ``connected`` is False when the stream does not pass
+    from one to the other at all: two separate streams, which ends no segment.
+    """
+
+    chain: tuple[fx.Node, ...] | None
+    norm_moved: bool = False
+    reason: str | None = None
+    connected: bool = True
 
 
 class _Unit:
@@ -96,20 +113,19 @@ class _Assembler:
         allowed = set(chain) | {self.nodes[n] for n in consumer.branch.nodes} | {self.nodes[consumer.add]}
         return chain, [u for v in (producer, *chain) for u in v.users if u not in allowed]
 
-    def private_handover(self, producer: fx.Node, consumer: Residual):
-        """(chain, norm moved, reason): the chain from ``producer`` to ``consumer`` when nothing
-        else reads the stream in between, else None and the reason."""
+    def private_handover(self, producer: fx.Node, consumer: Residual) -> _Handover:
+        """How the stream passes from ``producer`` to ``consumer``: privately (a chain), or why not."""
         chain, extra = self.handover(producer, consumer, allow_norm=False)
         if chain is not None and not extra:
-            return chain, False, None
+            return _Handover(tuple(chain))
         chain_n, extra_n = self.handover(producer, consumer, allow_norm=True)
         if chain_n is not None and not extra_n and any(NORM.matches(n, self.view.gm) for n in chain_n):
             if self.post_norm == "move":
-                return chain_n, True, None
-            return None, False, _POST_NORM_HINT
+                return _Handover(tuple(chain_n), norm_moved=True)
+            return _Handover(None, reason=_POST_NORM_HINT)
         if extra:
-            return None, False, f"its output is also used by {self.view.describe(extra)}"
-        return None, False, "the stream does not pass from one to the other directly"
+            return _Handover(None, reason=f"its output is also used by {self.view.describe(extra)}")
+        return _Handover(None, reason="the stream does not pass from one to the other directly", connected=False)
 
     # -- blocks -----------------------------------------------------------------------------
 
@@ -150,13 +166,13 @@ class _Assembler:
                 users = self.view.describe(self.nodes[current.add].users)
                 self.skip(first, "attention", f"no MLP residual reads its output (it goes to {users})")
                 return None
-            chain, norm_moved, why = self.private_handover(self.nodes[current.add], follower)
-            if why is not None:
-                self.skip(first, "attention", why)
+            handover = self.private_handover(self.nodes[current.add], follower)
+            if handover.chain is None:
+                self.skip(first, "attention", handover.reason)
                 return None
-            moved = moved or norm_moved
+            moved = moved or handover.norm_moved
             chain_of.append(follower)
-            chains.append(chain)
+            chains.append(list(handover.chain))
             if follower.kind == "mlp":
                 return _Unit(chain_of, chains, moved)
 
@@ -270,16 +286,17 @@ class _Assembler:
         for unit in sorted(units, key=lambda u: order[nodes[u.first.add]]):
             if runs:
                 previous = runs[-1][-1][0]
-                chain, moved, why = self.private_handover(nodes[previous.last.add], unit.first)
-                if chain is not None:
+                handover = self.private_handover(nodes[previous.last.add], unit.first)
+                if handover.chain is not None:
+                    chain = list(handover.chain)
                     problem = self.run_problem(runs[-1] + [(unit, chain)])
                     if problem is None:
                         runs[-1].append((unit, chain))
-                        unit.post_norm_moved = unit.post_norm_moved or moved
+                        unit.post_norm_moved = unit.post_norm_moved or handover.norm_moved
                         continue
                     ends[-1] = problem
-                elif why and not why.startswith("the stream does not"):
-                    ends[-1] = why
+                elif handover.connected:  # the next block reads this stream, but not privately
+                    ends[-1] = handover.reason
             problem = self.run_problem([(unit, [])])
             if problem is not None:
                 for res in unit.residuals:
@@ -316,8 +333,7 @@ def find_reversible_blocks(gm: fx.GraphModule, *, post_norm: str = "skip", exclu
     ``excluded`` maps block names to a reason: those blocks are left as they are and
     reported with it (the conversion check excludes blocks that fail to reconstruct).
     """
-    if post_norm not in POST_NORM:
-        raise ValueError(f"post_norm must be one of {sorted(POST_NORM)}, got {post_norm!r}")
+    require_choice("post_norm", post_norm, POST_NORM)
     view = GraphView(gm)
     search = find_residuals(gm, view)
     assembler = _Assembler(view, search.residuals, post_norm, excluded)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Branch", "Residual", "BLOCK_FORMS", "Block", "Segment", "Skipped", "Plan"]
+__all__ = ["Branch", "Residual", "BLOCK_FORMS", "Block", "Segment", "Skipped", "Plan", "require_choice"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,17 @@ BLOCK_FORMS = {
     "decoder": "self- and cross-attention residuals, then MLP: F(x) = sa(x) + ca(x + sa(x)), G = MLP",
     "parallel": "x + attn(x) + mlp(x): F = the attention part, G = the MLP part",
 }
+
+
+def require_choice(option: str, value, choices) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices`` (a tuple, or a dict of value -> meaning).
+
+    The one check of a named option (``fusion``, ``post_norm``, ``tracer``...): the passes
+    that take an option and the API that takes it from the user raise the same message.
+    """
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{option} must be one of {listed}; got {value!r}")
 
 
 @dataclass(frozen=True)

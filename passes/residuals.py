@@ -76,15 +76,31 @@ def _branch_region(view: GraphView, stream: fx.Node, out: fx.Node, add: fx.Node)
         if escapes:
             raise _Rejected(f"the branch result {out.name} is also used by {', '.join(escapes)}")
         raise _Rejected(f"values inside the branch ending at {out.name} are used outside it")
-    for node in region:
-        for inp in node.all_input_nodes:
-            if inp is not stream and inp in derived and inp not in region:
-                users = ", ".join(u.name for u in inp.users if u not in region)
-                raise _Rejected(
-                    f"the branch reads {inp.name}, which is computed from the stream outside it "
-                    f"(also used by {users}); a shared input like this is a parallel-residual block"
-                )
+    boundary = [i for n in view.sorted(region) for i in n.all_input_nodes if i is not stream and i in derived and i not in region]
+    if boundary:
+        raise _Rejected(_shared_value_reason(view, derived - region, boundary[0], region, add))
     return region
+
+
+def _shared_value_reason(view: GraphView, outside: set[fx.Node], read: fx.Node, region: set[fx.Node], add: fx.Node) -> str:
+    """Why a branch that reads a stream-derived value computed outside it is rejected.
+
+    The culprit is a value the branch's code computes that something after the residual
+    add also reads (a later layer reusing a cached rotary or ALiBi table, RealFormer's
+    residual scores); failing that, the first such value the branch reads.
+    """
+    for node in view.sorted(outside):
+        later = [u for u in node.users if view.order[u] > view.order[add]]
+        if later:
+            return (
+                f"the branch computes {node.name} from the stream and code after this residual add reads it too "
+                f"({view.describe(later)}): a later layer reusing it, or the other half of a parallel-residual block"
+            )
+    users = ", ".join(u.name for u in read.users if u not in region)
+    return (
+        f"the branch reads {read.name}, which is computed from the stream outside it "
+        f"(also used by {users}); a shared input like this is a parallel-residual block"
+    )
 
 
 def _alias_root(node: fx.Node, region: set[fx.Node]) -> fx.Node:

@@ -8,6 +8,7 @@
     print(revcompile.backward_program(converted))    # its steps, streams, waits and proofs
     revcompile.verify(converted, example_inputs)     # gradients equal that reference?
     revcompile.memory_report(model, example_inputs)  # memory saved: measured, predicted, largest batch
+    revcompile.predict_memory(meta_model, example_inputs)  # the same, predicted only, nothing allocated
     revcompile.draw(converted, "model.svg")          # the rewritten graph as a picture
 
 See docs/design.md for the pipeline and docs/usage.md for a walk-through.
@@ -27,6 +28,7 @@ from revcompile.api import (
 )
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
+from revcompile.predict import FitPrediction, predict_memory
 from revcompile.report import MemoryReport, memory_report
 from revcompile.runtime import BACKWARD_MODES
 from revcompile.show import draw
@@ -39,6 +41,8 @@ __all__ = [
     "VerifyReport",
     "memory_report",
     "MemoryReport",
+    "predict_memory",
+    "FitPrediction",
     "draw",
     "ReversibleModel",
     "ConversionError",

@@ -7,14 +7,15 @@ from dataclasses import replace
 from torch import nn
 
 from revcompile.passes.detect import POST_NORM
-from revcompile.passes.plan import Plan
+from revcompile.passes.plan import Plan, require_choice
 from revcompile.passes.couplings import STREAM_PRECISIONS, Coupling, DualResidual, make_coupling
 from revcompile.passes.schedule import BackwardProgram
 from revcompile.conversion_check import check_conversion as check_converted_model
 from revcompile.converted import ReversibleModel
 from revcompile.distance import function_distance
 from revcompile.errors import ConversionError
-from revcompile.frontend import TRACERS
+from revcompile.frontend import TRACERS, bind_call, training_defaults
+from revcompile.inputs import check_example_inputs
 from revcompile.sketch import SketchConfig
 from revcompile.runtime import BACKWARD_MODES, ReconstructionDrift
 
@@ -83,36 +84,37 @@ def convert(
     the input; a ``revcompile.SketchConfig`` also chooses the layers (names, a predicate,
     ``"all"``; default: those outside reversible segments), the estimator and the seed.
     Input and bias gradients stay exact; see docs/sketch.md.
-    Raises ``ConversionError`` when tracing fails, nothing is convertible, or the check fails.
+    Raises ``ConversionError`` when the model cannot run on the example inputs (naming the
+    input and what the failing op expected), when tracing fails, when nothing is
+    convertible, or when the check fails.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, ReversibleModel):
         raise ConversionError("this model is already converted; call revcompile.unconvert(model) to get the original")
-    if tracer not in TRACERS:
-        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
+    options = {"tracer": (tracer, TRACERS), "post_norm": (post_norm, POST_NORM), "streams": (streams, STREAM_PRECISIONS)}
+    for option, (value, choices) in options.items():
+        require_choice(option, value, choices)
     chosen = make_coupling(coupling, fusion=fusion, beta=beta, alpha=alpha)
-    if post_norm not in POST_NORM:
-        raise ValueError(f"post_norm must be one of {sorted(POST_NORM)}, got {post_norm!r}")
-    if streams not in STREAM_PRECISIONS:
-        raise ValueError(f"streams must be one of {sorted(STREAM_PRECISIONS)}, got {streams!r}")
     chosen.check(streams)
     sketch_linears = SketchConfig.of(sketch_linears)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    converted = ReversibleModel(
-        model, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction,
-        sketch_linears=sketch_linears,
-    )
+    kwargs = dict(example_kwargs or {})
     try:
-        converted.compile_for(args, dict(example_kwargs or {}))
+        check_example_inputs(model, bind_call(model, args, kwargs, training_defaults(model, kwargs)))
     except TypeError as err:
         raise ConversionError(
             f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
         ) from None
+    converted = ReversibleModel(
+        model, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction,
+        sketch_linears=sketch_linears,
+    )
+    converted.compile_for(args, kwargs)
     if check_conversion:
-        check_converted_model(converted, args, dict(example_kwargs or {}))
+        check_converted_model(converted, args, kwargs)
     if isinstance(chosen, DualResidual):  # a pretrained model's user needs this before fine-tuning
-        converted.__dict__["_rc_distance"] = function_distance(model, converted, args, dict(example_kwargs or {}))
+        converted.__dict__["_rc_distance"] = function_distance(model, converted, args, kwargs)
     return converted
 
 
@@ -154,8 +156,7 @@ def _coupling_notes(converted: ReversibleModel) -> tuple[str, ...]:
 
 def set_backward(module: nn.Module, mode: str) -> None:
     """Switch how converted segments in ``module`` run backward: one of ``BACKWARD_MODES``."""
-    if mode not in BACKWARD_MODES:
-        raise ValueError(f"backward mode must be one of {sorted(BACKWARD_MODES)}, got {mode!r}")
+    require_choice("backward mode", mode, BACKWARD_MODES)
     found = find_converted(module)
     if not found:
         raise ValueError(f"{type(module).__name__} contains no model converted by revcompile.convert")

@@ -1,19 +1,24 @@
 """The ``revcompile`` command line.
 
     revcompile report [MODEL] [--memory-cap 16GiB] [--json]   what conversion saves, measured and predicted
+    revcompile report MODEL --predict-only [--dtype bfloat16] [--autocast bfloat16] --memory-cap 80GiB
+                                                           the same predicted without allocating: will it fit?
     revcompile show [MODEL] [-o FILE.svg] [--before] [--expand]   what became reversible, as a picture
 
 MODEL is ``timm:NAME``, ``torchvision:NAME``, ``hf:MODEL_TYPE`` or ``package.module:callable``
 (see ``revcompile.models_spec``); without one, the built-in reference ViT (12 blocks), so
 that a fresh install shows what revcompile does with one command. Mistakes a user can make
-(an unknown model, a bad ``--config``, a memory cap nothing fits) end in one line on
-stderr and a non-zero exit status, never in a traceback.
+(an unknown model, a bad ``--config``, example inputs the model cannot take, a memory cap
+nothing fits) end in one line on stderr and a non-zero exit status, never in a traceback.
+torch's own logging and warnings are silenced (``revcompile.quiet``); ``--verbose`` lets
+them through.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 import torch
@@ -26,9 +31,10 @@ from revcompile.budget import (
     ReportError,
     format_bytes,
 )
-from revcompile.errors import ConversionError
+from revcompile.errors import ConversionError, one_line
 from revcompile.frontend import TRACERS
 from revcompile.models_spec import SpecError, build_model, parse_config, parse_spec
+from revcompile.quiet import LOGGER, quiet_torch
 
 __all__ = ["main", "build_parser"]
 
@@ -53,12 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="timm:NAME, torchvision:NAME, hf:MODEL_TYPE or package.module:callable (default: built-in ViT)")
     model.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                        help="model constructor / config override, repeatable (e.g. --config n_layer=24)")
-    model.add_argument("--seq-len", type=int, default=128, help="tokens per sample for language models")
+    model.add_argument("--seq-len", type=int, default=None,
+                       help="tokens per sample for language models (default 128, capped by the config's positions)")
     model.add_argument("--image-size", type=int, default=None, help="image side for vision models (default: the model's)")
     model.add_argument("--input-shape", type=_input_shape, default=None, metavar="C,H,W",
                        help="for package.module:callable models: one sample's input shape (a float tensor)")
     model.add_argument("--tracer", choices=TRACERS, default="auto")
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--verbose", action="store_true", help="let torch's tracing logs and warnings through (to stderr)")
 
     parser = _Parser(prog="revcompile", description="Convert transformers into reversible networks.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -71,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--reserve", default="512MiB", metavar="SIZE",
                         help="memory that is not tensors: CUDA context, fragmentation (default 512MiB)")
     report.add_argument("--json", action="store_true", help="write the report as JSON on stdout")
+    report.add_argument("--predict-only", action="store_true",
+                        help="build on the meta device, predict without allocating or measuring (models too large to hold)")
+    report.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                        help="--predict-only: count the step as run under CPU autocast in this dtype")
     report.add_argument("--sketch-linears", type=float, default=None, metavar="FRACTION",
                         help="opt-in approximate weight gradients: sketch linear layers outside reversible segments, "
                         "keeping FRACTION of their input (docs/sketch.md)")
@@ -161,7 +173,7 @@ def _print_prediction(console: Console, report) -> None:
 
 def _print_capacity(console: Console, report) -> None:
     cap, state = report.capacity, report.training
-    table = Table(title=f"Largest training batch under {format_bytes(cap.memory_cap)} ({OPTIMIZER_NAMES[state.optimizer]})")
+    table = Table(title=f"Predicted largest training batch under {format_bytes(cap.memory_cap)} ({OPTIMIZER_NAMES[state.optimizer]})")
     for name, justify in (("", "left"), ("original", "right"), ("converted", "right")):
         table.add_column(name, justify=justify)
     table.add_row("parameters + gradients", format_bytes(state.parameters + state.gradients), "same")
@@ -179,7 +191,7 @@ def _headline(report) -> str:
     cap = report.capacity
     if cap is not None:
         gain = f" ({cap.gain:.1f}x)" if cap.gain else " (the original does not fit at all)"
-        line += f"; under {format_bytes(cap.memory_cap)} the largest batch goes from {cap.original:,} to [bold green]{cap.converted:,}[/bold green]{gain}"
+        line += f"; under {format_bytes(cap.memory_cap)} the predicted largest batch goes from {cap.original:,} to [bold green]{cap.converted:,}[/bold green]{gain}"
     return line + "."
 
 
@@ -187,6 +199,10 @@ def _report(args, console: Console) -> int:
     from revcompile.api import convert
     from revcompile.report import memory_report
 
+    if args.predict_only:
+        return _predict_only(args, console)
+    if args.autocast is not None:
+        raise ReportError("--autocast is counted by --predict-only; a measured report runs without autocast")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ReportError("--device cuda: no CUDA device is available here; use --device cpu")
     built, model, inputs, kwargs = _build(args, console, args.device, DTYPES[args.dtype])
@@ -213,6 +229,64 @@ def _report(args, console: Console) -> int:
     return 0
 
 
+def _print_fit(out: Console, fit) -> None:
+    from revcompile.predict import NO_STORAGE
+
+    p, state, plan = fit.prediction, fit.training, fit.plan
+    amp = f" · autocast {fit.autocast} (CPU policy)" if fit.autocast else ""
+    out.print(f"[bold]{fit.model}[/bold] · {fit.parameter_count / 1e9:.2f}B parameters · {fit.dtype}{amp} · {plan.tracer} trace")
+    out.print(f"[bold]Predicted, not measured[/bold]: {NO_STORAGE}.")
+    out.print(f"Converted [bold green]{len(plan.blocks)} blocks[/bold green] into {len(plan.segments)} reversible "
+              f"segment{'s' if len(plan.segments) != 1 else ''}; {len(plan.skipped)} of {plan.residuals_found} residuals left alone.")
+    for note in (*fit.notes, *plan.notes, *p.notes):
+        out.print(f"  [dim]note: {note}[/dim]")
+    table = Table(title="Predicted training step (activations fitted at batches "
+                        f"{', '.join(map(str, p.batches))}; kernels as on CPU)")
+    for name, justify in (("", "left"), ("original", "right"), ("converted", "right")):
+        table.add_column(name, justify=justify)
+    table.add_row("activations saved for backward, per sample", format_bytes(p.original_saved.per_sample),
+                  format_bytes(p.converted_saved.per_sample))
+    table.add_row("peak activations, per sample", format_bytes(p.original_peak.per_sample), format_bytes(p.converted_peak.per_sample))
+    table.add_row("peak activations, fixed (any batch)", format_bytes(p.original_peak.fixed), format_bytes(p.converted_peak.fixed))
+    table.add_row("parameters + gradients", format_bytes(state.parameters + state.gradients), "same")
+    table.add_row(f"{OPTIMIZER_NAMES[state.optimizer]} state ({OPTIMIZER_STATE[state.optimizer]} per parameter, float32)",
+                  format_bytes(state.optimizer_state), "same")
+    table.add_row("reserve (CUDA context, fragmentation)", format_bytes(state.reserve), "same")
+    for batch in (1, fit.example_batch):
+        table.add_row(f"peak of the step at batch {batch}", format_bytes(state.total + p.original_peak.at(batch)),
+                      format_bytes(state.total + p.converted_peak.at(batch)))
+    cap = fit.capacity
+    if cap is not None:
+        table.add_row(f"[bold]largest batch under {format_bytes(cap.memory_cap)}[/bold]", f"[bold]{cap.original:,}[/bold]",
+                      f"[bold green]{cap.converted:,}[/bold green]")
+    out.print(table)
+    if cap is None:
+        out.print("[dim]Add --memory-cap 80GiB to see the largest batch that fits.[/dim]")
+
+
+def _predict_only(args, console: Console) -> int:
+    from revcompile.predict import predict_memory
+
+    if args.device != "cpu":
+        raise ReportError("--predict-only runs nothing on a device; leave out --device")
+    if getattr(args, "sketch_linears", None) is not None:
+        raise ReportError("--predict-only does not predict sketched linears yet; leave out --sketch-linears")
+    spec = parse_spec(args.model)
+    with console.status(f"building {spec} on the meta device ..."):
+        built = build_model(spec, parse_config(args.config), batch_size=args.batch_size, seq_len=args.seq_len,
+                            image_size=args.image_size, input_shape=args.input_shape, device="meta")
+    with console.status("tracing and converting on fake tensors ...") as status:
+        fit = predict_memory(built.model, built.args, built.kwargs, dtype=DTYPES[args.dtype],
+                             autocast=args.autocast, memory_cap=args.memory_cap, optimizer=args.optimizer,
+                             reserve=args.reserve, tracer=args.tracer, name=built.label, notes=built.notes,
+                             progress=lambda text: status.update(f"{text} ..."))
+    if args.json:
+        print(json.dumps(fit.to_dict(), indent=2))
+    else:
+        _print_fit(Console(), fit)
+    return 0
+
+
 def _show(args, console: Console) -> int:
     from revcompile.api import convert
     from revcompile.show import FORMATS, draw, plan_tree
@@ -231,16 +305,27 @@ def _show(args, console: Console) -> int:
     return 0
 
 
+def _verbose_logging() -> None:
+    """``--verbose``: the ``revcompile`` logger at DEBUG, which ``quiet_torch`` reads as "let it through"."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.DEBUG)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(file=sys.stderr)  # bound now: quiet_torch swaps sys.stderr for torch's prints
+    if args.verbose:
+        _verbose_logging()
     try:
-        return (_report if args.command == "report" else _show)(args, console)
+        with quiet_torch():
+            return (_report if args.command == "report" else _show)(args, console)
     except (SpecError, ReportError) as err:
-        print(f"revcompile: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"revcompile: error: {one_line(err, with_type=False)}", file=sys.stderr)
         return 2
     except ConversionError as err:
-        print(f"revcompile: cannot convert: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"revcompile: cannot convert: {one_line(err, with_type=False)}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:
         print("revcompile: error: out of memory while measuring; try a smaller --batch-size", file=sys.stderr)

@@ -87,10 +87,16 @@ class BoundVariant:
             return False
         return True
 
+    def placeholder_values(self, call: CallSignature) -> list:
+        """The graph's placeholder values for ``call``, in order (what ``fx.Interpreter.run`` takes)."""
+        if self.compiled.tracer == "fx":
+            return [call.keyword[name] for name in self.compiled.input_names]
+        return list(call.flat_inputs())
+
     def __call__(self, call: CallSignature):
         if self.compiled.tracer == "fx":
-            return self.module(*(call.keyword[name] for name in self.compiled.input_names))
-        return self.module(*call.positional, **call.keyword)
+            return self.module(*self.placeholder_values(call))
+        return self.module(*call.positional, **call.keyword)  # the exported module flattens the call itself
 
 
 def _leaf_key(value):
@@ -216,8 +222,12 @@ class ReversibleModel(nn.Module):
 
     # -- running -------------------------------------------------------------------------
 
+    def call_signature(self, args: tuple, kwargs: dict) -> CallSignature:
+        """A call as the model runs it (with the arguments revcompile injects for training)."""
+        return bind_call(self._rc_original, args, kwargs, self._rc_injected)
+
     def forward(self, *args, **kwargs):
-        call = bind_call(self._rc_original, args, kwargs, self._rc_injected)
+        call = self.call_signature(args, kwargs)
         return self._variant_for(call)(call)
 
     # -- inspection ------------------------------------------------------------------------

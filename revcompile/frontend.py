@@ -24,6 +24,9 @@ from torch import nn
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
+from revcompile.errors import one_line
+from revcompile.quiet import quiet_torch
+
 __all__ = ["TRACERS", "CallSignature", "Trace", "TraceFailed", "bind_call", "training_defaults", "trace_model"]
 
 TRACERS = ("auto", "fx", "export")
@@ -219,7 +222,7 @@ class TraceFailed(Exception):
     """One tracer could not capture the model; ``error`` is what it raised."""
 
     def __init__(self, tracer: str, error: BaseException):
-        super().__init__(f"{tracer}: {type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}")
+        super().__init__(f"{tracer}: {one_line(error)}")
         self.tracer = tracer
         self.error = error
 
@@ -229,13 +232,15 @@ def trace_model(model: nn.Module, call: CallSignature, tracer: str, *, training:
 
     Tracing runs with the model's top-level training flag set to ``training`` (submodules
     keep their own modes), gradients enabled (so that fast paths for inference are not
-    taken), autocast off, and leaves the global random generators as they were.
+    taken), autocast off, torch's diagnostics silenced (``revcompile.quiet``), and leaves the
+    global random generators as they were.
     """
     was_training = model.training
     rng = torch.get_rng_state()
     try:
         model.training = training
         with ExitStack() as stack:
+            stack.enter_context(quiet_torch())
             stack.enter_context(torch.enable_grad())
             # a trace runs the forward on fake tensors: keep them away from the caller's hooks
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))

@@ -7,6 +7,10 @@ to fit each family: images of the model's own size for vision models, random tok
 for language models. Every mistake a user can make here (an unknown name, a config key the
 model does not take, a module that does not import) is a ``SpecError`` with one line that
 says what to do.
+
+``device="meta"`` builds the model and its inputs on the meta device: shapes and dtypes
+without storage, for predicting the memory of models this machine cannot hold
+(``revcompile.predict``).
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from revcompile.errors import one_line
 
 __all__ = ["SpecError", "ModelSpec", "BuiltModel", "parse_spec", "parse_config", "build_model", "DEFAULT_MODEL"]
 
@@ -44,6 +51,7 @@ class BuiltModel:
     args: tuple
     kwargs: dict = field(default_factory=dict)
     label: str = ""
+    notes: tuple[str, ...] = ()  # what was changed or assumed to build it as asked
 
 
 def parse_spec(text: str | None) -> ModelSpec:
@@ -96,9 +104,14 @@ def parse_config(items: list[str] | None) -> dict:
     return config
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+def _describe_value(value) -> str:
+    """What a callable returned, as a user would recognise it: ``a tuple of 3 (Tensor, Tensor, int)``."""
+    if isinstance(value, (tuple, list)):
+        kinds = ", ".join(type(v).__name__ for v in value[:4]) + (", ..." if len(value) > 4 else "")
+        return f"a {type(value).__name__} of {len(value)} ({kinds})"
+    if isinstance(value, type):
+        return f"the class {value.__name__} (not an instance)"
+    return f"a {type(value).__name__}" if value is not None else "None"
 
 
 def _suggest(name: str, known) -> str:
@@ -116,8 +129,10 @@ def _construct(what: str, factory, config: dict):
         return factory(**config)
     except Exception as err:  # noqa: BLE001 -- a config key or value the model rejects
         if isinstance(err, TypeError) and config:
-            raise SpecError(f"{what} does not accept this --config ({_first_line(err)})") from None
-        raise SpecError(f"cannot build {what}{' with this --config' if config else ''} ({_first_line(err)})") from None
+            raise SpecError(f"{what} does not accept this --config ({one_line(err, limit=200)})") from None
+        meta = (" on the meta device (--predict-only): its constructor reads tensor values"
+                if torch.get_default_device().type == "meta" else "")
+        raise SpecError(f"cannot build {what}{' with this --config' if config else ''}{meta} ({one_line(err, limit=200)})") from None
 
 
 def _builtin(config: dict, batch: int) -> BuiltModel:
@@ -151,7 +166,29 @@ def _torchvision(name: str, config: dict, batch: int, image_size: int | None) ->
     return BuiltModel(model, _images(batch, 3, size), {}, f"torchvision:{name}")
 
 
-def _hf(model_type: str, config: dict, batch: int, seq_len: int, image_size: int | None) -> BuiltModel:
+_POSITION_LIMITS = ("max_position_embeddings", "n_positions")
+
+
+def _fit_positions(hf_config, config: dict, seq_len: int | None) -> tuple[int, tuple[str, ...]]:
+    """Tokens per sample: ``seq_len`` as asked, else 128; capped by the config's positions unless asked for.
+
+    An explicit ``--seq-len`` beyond the config's position limit raises the limit (and
+    says so): a silently shorter sequence would answer a different question.
+    """
+    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if seq_len is None:
+        return (min(128, limit) if limit else 128), ()
+    if limit and seq_len > limit:
+        given = next((k for k in _POSITION_LIMITS if k in config), None)
+        if given:
+            raise SpecError(f"--seq-len {seq_len} is longer than --config {given}={limit}; raise {given} or shorten --seq-len")
+        key = next(k for k in _POSITION_LIMITS if hasattr(hf_config, k))
+        setattr(hf_config, key, seq_len)
+        return seq_len, (f"{key} raised from {limit} to {seq_len} for --seq-len {seq_len}",)
+    return seq_len, ()
+
+
+def _hf(model_type: str, config: dict, batch: int, seq_len: int | None, image_size: int | None) -> BuiltModel:
     from transformers import AutoConfig, AutoModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.utils import logging
@@ -165,16 +202,15 @@ def _hf(model_type: str, config: dict, batch: int, seq_len: int, image_size: int
         raise SpecError(f"hf:{model_type} config has no field {unknown[0]!r}{_suggest(unknown[0], vars(defaults))}")
     try:
         hf_config = AutoConfig.for_model(model_type, **config)
-        model = AutoModel.from_config(hf_config)
     except Exception as err:  # noqa: BLE001 -- invalid combinations of config values
-        raise SpecError(f"cannot build hf:{model_type} from this config ({_first_line(err)})") from None
+        raise SpecError(f"cannot build hf:{model_type} from this config ({one_line(err, limit=200)})") from None
+    length, notes = _fit_positions(hf_config, config, seq_len)
+    model = _construct(f"hf:{model_type} from this config", lambda: AutoModel.from_config(hf_config), {})
     model.train()
     main = getattr(model, "main_input_name", "input_ids")
     if main == "input_ids":
-        limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
-        length = min(seq_len, limit) if limit else seq_len
         tokens = torch.randint(0, hf_config.vocab_size, (batch, length))
-        return BuiltModel(model, (tokens,), {}, f"hf:{model_type}")
+        return BuiltModel(model, (tokens,), {}, f"hf:{model_type}", notes)
     if main == "pixel_values":
         size = image_size or getattr(hf_config, "image_size", 224)
         return BuiltModel(model, _images(batch, getattr(hf_config, "num_channels", 3), size), {}, f"hf:{model_type}")
@@ -187,7 +223,7 @@ def _callable(spec: str, config: dict, batch: int, input_shape: tuple[int, ...] 
         target = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 -- any import failure is the user's to fix
         raise SpecError(
-            f"cannot import {module_name!r} ({_first_line(err)}); model specs are timm:NAME, torchvision:NAME, "
+            f"cannot import {module_name!r} ({one_line(err, limit=200)}); model specs are timm:NAME, torchvision:NAME, "
             "hf:MODEL_TYPE or package.module:callable"
         ) from None
     for part in attr.split("."):
@@ -202,7 +238,10 @@ def _callable(spec: str, config: dict, batch: int, input_shape: tuple[int, ...] 
         model, args = built
         args = args if isinstance(args, tuple) else (args,)
     if not isinstance(model, nn.Module):
-        raise SpecError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module (or a (model, inputs) pair)")
+        raise SpecError(
+            f"{spec!r} returned {_describe_value(built)}; expected a torch.nn.Module, or a pair (model, example inputs) "
+            "with the model first and the inputs a tensor or a tuple of them"
+        )
     if input_shape is not None:
         args = (torch.randn(batch, *input_shape),)
     if args is None:
@@ -215,14 +254,27 @@ def build_model(
     config: dict | None = None,
     *,
     batch_size: int = 8,
-    seq_len: int = 128,
+    seq_len: int | None = None,
     image_size: int | None = None,
     input_shape: tuple[int, ...] | None = None,
+    device: str = "cpu",
 ) -> BuiltModel:
-    """The model ``spec`` names, in train mode with random weights, and one training call."""
+    """The model ``spec`` names, in train mode with random weights, and one training call.
+
+    ``seq_len``: tokens per sample for language models (None: 128, capped by the config's
+    positions). ``device="meta"``: model and inputs without storage (shapes and dtypes only).
+    """
     config = dict(config or {})
     if batch_size < 2:
         raise SpecError(f"--batch-size must be at least 2 (tracing needs a batch dimension to vary), got {batch_size}")
+    with torch.device("meta") if device == "meta" else nullcontext():
+        built = _build(spec, config, batch_size, seq_len, image_size, input_shape)
+    built.model.train()
+    return built
+
+
+def _build(spec: ModelSpec, config: dict, batch_size: int, seq_len: int | None, image_size: int | None,
+           input_shape: tuple[int, ...] | None) -> BuiltModel:
     if spec.family == "builtin":
         built = _builtin(config, batch_size)
     elif spec.family == "timm":
@@ -233,5 +285,4 @@ def build_model(
         built = _hf(spec.name, config, batch_size, seq_len, image_size)
     else:
         built = _callable(spec.name, config, batch_size, input_shape)
-    built.model.train()
     return built

@@ -47,7 +47,7 @@ from revcompile.budget import (
     training_state,
 )
 from revcompile.measure import HeapPeak, saved_for_backward
-from revcompile.simulate import LiveTensorBytes, simulate_step_peak
+from revcompile.simulate import LiveTensorBytes, largest_fitting_batch, simulate_step_peak
 
 __all__ = ["StepMeasurement", "MemoryReport", "measure_step", "predict", "memory_report", "ReportError"]
 
@@ -224,17 +224,6 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return int(first.shape[0]) if first is not None else None
 
 
-def _graph_inputs(converted: nn.Module, compiled, args: tuple, kwargs: dict) -> list:
-    """The values of the traced graph's placeholders for this call, in order."""
-    from revcompile.frontend import bind_call, training_defaults
-
-    original = converted.original_model
-    call = bind_call(original, args, kwargs, training_defaults(original, kwargs))
-    if compiled.tracer == "fx":
-        return [call.keyword[name] for name in compiled.input_names]
-    return list(call.flat_inputs())
-
-
 def _at_batch(values: list, batch: int, new_batch: int) -> list:
     """The same inputs with ``new_batch`` rows (repeating the given ones); nested structures too."""
     def resize(value):
@@ -247,8 +236,9 @@ def _at_batch(values: list, batch: int, new_batch: int) -> list:
 
 def predict(converted: nn.Module, args: tuple, kwargs: dict, avoid_batch: int) -> MemoryPrediction:
     """``revcompile.passes.memory`` on the first compiled variant, fitted at batches other than ``avoid_batch``."""
-    compiled = converted.reversible_variants[0].compiled
-    inputs = _graph_inputs(converted, compiled, args, kwargs)
+    variant = converted.reversible_variants[0]
+    compiled = variant.compiled
+    inputs = variant.placeholder_values(converted.call_signature(args, kwargs))
 
     def run(batches):
         return predict_activation_memory(
@@ -280,6 +270,26 @@ def _with_simulated_peaks(prediction: MemoryPrediction, converted: nn.Module, ar
         return replace(prediction, original_peak=peak(original), converted_peak=peak(converted))
     except Exception as err:  # noqa: BLE001 -- reported with the prediction, not raised
         raise PredictionFailed(f"simulating the training step on fake tensors failed: {type(err).__name__}: {err}") from err
+
+
+def searched_capacity(capacity: BatchCapacity, state: TrainingState, converted: nn.Module, args: tuple, kwargs: dict,
+                      batch: int, *, tolerance: float = 0.02) -> BatchCapacity:
+    """Each largest batch found by simulating the training step at candidate batches.
+
+    The fitted lines' answers are where the search starts (``largest_fitting_batch``): a
+    line through two batch sizes can overshoot the largest batch by a factor where fixed
+    costs dominate, and a batch that is too large runs out of memory.
+    """
+    room = capacity.memory_cap - state.total
+
+    def search(model: nn.Module, guess: int) -> int:
+        peak = lambda b: simulate_step_peak(model, *_at_batch([args, kwargs], batch, b)).peak_bytes  # noqa: E731
+        return largest_fitting_batch(peak, room, guess, tolerance=tolerance)
+
+    basis = (f"simulated peak of the training step (forward and backward on fake tensors) at the batches searched, "
+             f"to within {tolerance:.0%}")
+    return replace(capacity, original=search(converted.original_model, max(capacity.original, 1)),
+                   converted=search(converted, max(capacity.converted, 1)), basis=basis)
 
 
 def _capacity(cap: int, state: TrainingState, prediction: MemoryPrediction | None,
@@ -342,6 +352,9 @@ def memory_report(
     say("measuring one training step of the converted model")
     reversible = measure_step(converted, args, kwargs)
     capacity = _capacity(cap, state, prediction, (original, reversible), batch) if cap is not None else None
+    if capacity is not None and prediction is not None:
+        say("searching the largest batches with simulated steps")
+        capacity = searched_capacity(capacity, state, converted, args, kwargs, batch or 1)
     param = next(model.parameters())
     return MemoryReport(
         model=name or type(model).__name__,

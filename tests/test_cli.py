@@ -6,8 +6,6 @@ The functions at the top are ``package.module:callable`` models for the CLI to i
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,7 +15,6 @@ import torch
 from revcompile.cli import main
 from revcompile.reference import example_inputs, reference_vit
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "depth=2", "--config", "dim=32", "--config", "heads=2", "--batch-size", "2"]
 
 
@@ -48,11 +45,13 @@ def _report_json(argv, capsys) -> dict:
 
 
 def test_report_default_model_prints_the_tables(capsys):
-    code, out, err = _run(["report", "--batch-size", "2", "--memory-cap", "1GiB", "--reserve", "0"], capsys)
+    # the default model is the 12-block reference ViT; a narrow one keeps the test fast
+    narrow = ["--config", "dim=32", "--config", "heads=2"]
+    code, out, err = _run(["report", *narrow, "--batch-size", "2", "--memory-cap", "1GiB", "--reserve", "0"], capsys)
     assert code == 0, err
     assert "reference-vit (built-in ViT, depth 12)" in out
     assert "Converted 12 blocks into 1 reversible segment" in out
-    for heading in ("Measured: one training step", "Predicted from the graphs", "Largest training batch under 1.0 GiB"):
+    for heading in ("Measured: one training step", "Predicted from the graphs", "Predicted largest training batch under 1.0 GiB"):
         assert heading in out
     assert "Prediction vs measurement" in out
 
@@ -131,16 +130,6 @@ def test_bad_options_are_one_line_too(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "invalid choice: 'tpu'" in err
-
-
-def test_the_command_itself_exits_without_a_traceback():
-    result = subprocess.run(
-        [sys.executable, "-m", "revcompile.cli", "report", "--config", "depth"],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    assert result.returncode == 2
-    assert result.stderr.startswith("revcompile: error: --config expects key=value"), result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 # --- show ---------------------------------------------------------------------------------

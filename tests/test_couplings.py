@@ -28,7 +28,7 @@ def test_remainder_bits_pack_into_k_bits_and_back(k):
 
 
 @pytest.mark.parametrize("alpha", [None, 1.0, 0.3])
-@pytest.mark.parametrize("k", [0, 1, 4, 8, 16])
+@pytest.mark.parametrize("k", [0, 1, 8, 16])
 def test_a_dual_step_inverts_exactly(k, alpha):
     coupling = DualResidual(2.0**-k, alpha)
     arith = StreamArithmetic("exact", torch.float32)
@@ -84,24 +84,26 @@ def _vit(depth=3, dim=32):
 
 
 @pytest.mark.parametrize("alpha", [None, 1.0])
-@pytest.mark.parametrize("k", [1, 4, 8, 16])
-def test_dual_float64_gradients_equal_autograd(k, alpha):
+def test_dual_float64_gradients_equal_autograd(alpha):
     model, x = _vit()
-    converted = revcompile.convert(model, x, coupling="dual", beta=2.0**-k, alpha=alpha)
-    assert_gradients_match(converted, (x,), tol=1e-12)
+    converted = revcompile.convert(model, x, coupling="dual", beta=2.0**-1, alpha=alpha)
+    for k in (1, 4, 8, 16):
+        revcompile.set_coefficients(converted, beta=2.0**-k, alpha=alpha)
+        assert_gradients_match(converted, (x,), tol=1e-12)
     assert_gradients_match(converted, (x,), tol=1e-12, mode="parallel")
 
 
 @pytest.mark.parametrize("build", [timm_vit, hf_gpt2, hf_llama], ids=["timm-vit", "hf-gpt2", "hf-llama"])
-@pytest.mark.parametrize("k", [1, 8])
-def test_dual_gradients_are_exact_on_real_families(build, k):
+def test_dual_gradients_are_exact_on_real_families(build):
     torch.manual_seed(0)
     model, args, kwargs, layers = build()
     model = perturb_parameters(model.double())
     args = tuple(a.double() if a.is_floating_point() else a for a in args)
-    converted = revcompile.convert(model, args, kwargs, coupling="dual", beta=2.0**-k)
+    converted = revcompile.convert(model, args, kwargs, coupling="dual", beta=2.0**-1)
     assert len(revcompile.explain(converted).blocks) == layers
-    assert_gradients_match(converted, args, kwargs, tol=1e-12)
+    for k in (1, 4, 8, 16):
+        revcompile.set_coefficients(converted, beta=2.0**-k)
+        assert_gradients_match(converted, args, kwargs, tol=1e-12)
 
 
 def test_set_coefficients_between_steps_keeps_gradients_exact():

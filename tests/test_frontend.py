@@ -15,7 +15,7 @@ from tests.models import hf_gpt2, reference_vit
 def test_auto_prefers_fx_and_falls_back_to_export():
     model, args, _, _ = reference_vit()
     assert revcompile.explain(revcompile.convert(model, args)).tracer == "fx"
-    gpt2, ids, _, _ = hf_gpt2()
+    gpt2, ids, _, _ = hf_gpt2(depth=1)
     plan = revcompile.explain(revcompile.convert(gpt2, ids))
     assert plan.tracer == "export"
     assert any("fx tracing failed" in note for note in plan.notes)
@@ -33,7 +33,7 @@ def test_forced_export_of_an_fx_traceable_model_is_exact():
 
 def test_exported_model_accepts_other_batch_and_sequence_lengths_without_retracing():
     torch.manual_seed(0)
-    model, (ids,), _, _ = hf_gpt2()
+    model, (ids,), _, _ = hf_gpt2(depth=1)
     converted = revcompile.convert(model, ids).eval()
     converted(ids)
     variants = len(converted.reversible_variants)
@@ -48,7 +48,7 @@ def test_exported_model_accepts_other_batch_and_sequence_lengths_without_retraci
 
 def test_train_and_eval_switch_dropout_on_an_exported_model():
     torch.manual_seed(0)
-    model, (ids,), _, _ = hf_gpt2()
+    model, (ids,), _, _ = hf_gpt2(depth=1)
     converted = revcompile.convert(model, ids)
     converted.eval()
     assert torch.equal(converted(ids).last_hidden_state, converted(ids).last_hidden_state)
@@ -66,7 +66,7 @@ def test_train_and_eval_switch_dropout_on_an_exported_model():
 
 def test_keyword_arguments_from_conversion_stay_optional():
     torch.manual_seed(0)
-    model, (ids,), _, _ = hf_gpt2()
+    model, (ids,), _, _ = hf_gpt2(depth=1)
     ones = torch.ones_like(ids)
     converted = revcompile.convert(model, ids, {"attention_mask": ones}).eval()
     with_mask = converted(ids, attention_mask=ones).last_hidden_state
@@ -194,7 +194,7 @@ def test_a_call_like_the_example_reuses_the_conversion_trace():
 
 def test_retracing_does_not_show_fake_tensors_to_user_hooks():
     torch.manual_seed(0)
-    model, (ids,), _, _ = hf_gpt2()
+    model, (ids,), _, _ = hf_gpt2(depth=1)
     converted = revcompile.convert(model, ids)
     seen = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(type(t).__name__) or t, lambda t: t):
