@@ -53,7 +53,8 @@ def _input_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected sizes like 3,224,224, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _model_options() -> argparse.ArgumentParser:
+    """What both commands take: the model, its inputs, how to convert it."""
     model = _Parser(add_help=False)
     model.add_argument("model", nargs="?", default=None,
                        help="timm:NAME, torchvision:NAME, hf:MODEL_TYPE or package.module:callable (default: built-in ViT)")
@@ -72,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--alpha", type=float, default=None, help="dual coupling: alpha (default 1 - beta)")
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--verbose", action="store_true", help="let torch's tracing logs and warnings through (to stderr)")
+    return model
 
+
+def build_parser() -> argparse.ArgumentParser:
+    model = _model_options()
     parser = _Parser(prog="revcompile", description="Convert transformers into reversible networks.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     report = commands.add_parser("report", parents=[model], help="convert a model and report the memory it saves")

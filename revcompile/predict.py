@@ -164,6 +164,22 @@ def _capacity(cap: int | None, state: TrainingState, prediction: MemoryPredictio
     return capacity, (() if capacity.converted else (nothing_fits(cap, state, prediction.converted_peak),))
 
 
+def _predict_and_fit(converted, args, kwargs, batch: int, amp, cap: int | None, state: TrainingState, say):
+    """The prediction under ``amp``'s autocast, and the largest batches under ``cap`` (searched)."""
+    say("predicting memory from the graphs (fake tensors)")
+    try:
+        with torch.autocast("cpu", dtype=amp) if amp is not None else nullcontext():
+            prediction = predict(converted, args, kwargs, batch)
+    except PredictionFailed as err:
+        raise ReportError(f"the graphs could not be interpreted on fake tensors: {err}") from None
+    capacity, shortfall = _capacity(cap, state, prediction)
+    if capacity is not None and capacity.converted:
+        say("searching the largest batches with simulated steps")
+        with torch.autocast("cpu", dtype=amp) if amp is not None else nullcontext():
+            capacity = searched_capacity(capacity, state, converted, args, kwargs, batch, tolerance=0.05)
+    return prediction, capacity, shortfall
+
+
 def predict_memory(
     model,
     example_inputs=(),
@@ -209,17 +225,7 @@ def predict_memory(
         converted = convert(fake, args, kwargs, tracer=tracer, check_conversion=False)  # it compares values; fakes have none
     except ConversionError as err:
         raise _conversion_error(err) from None
-    say("predicting memory from the graphs (fake tensors)")
-    try:
-        with torch.autocast("cpu", dtype=amp) if amp is not None else nullcontext():
-            prediction = predict(converted, args, kwargs, batch)
-    except PredictionFailed as err:
-        raise ReportError(f"the graphs could not be interpreted on fake tensors: {err}") from None
-    capacity, shortfall = _capacity(cap, state, prediction)
-    if capacity is not None and capacity.converted:
-        say("searching the largest batches with simulated steps")
-        with torch.autocast("cpu", dtype=amp) if amp is not None else nullcontext():
-            capacity = searched_capacity(capacity, state, converted, args, kwargs, batch, tolerance=0.05)
+    prediction, capacity, shortfall = _predict_and_fit(converted, args, kwargs, batch, amp, cap, state, say)
     first = next(fake.parameters(), None)
     return FitPrediction(
         model=name or type(model).__name__,

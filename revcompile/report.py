@@ -311,6 +311,12 @@ def _capacity(cap: int, state: TrainingState, prediction: MemoryPrediction | Non
     return batch_capacity(cap, state, *lines, basis)
 
 
+def _measured_capacity(cap: int, state: TrainingState, prediction, measured, converted, args, kwargs, batch) -> BatchCapacity:
+    """The largest batches: searched with simulated steps, or from the measurement if prediction failed."""
+    capacity = _capacity(cap, state, prediction, measured, batch)
+    return capacity if prediction is None else searched_capacity(capacity, state, converted, args, kwargs, batch or 1)
+
+
 def _prediction_or_failure(converted: nn.Module, args: tuple, kwargs: dict, batch: int | None):
     """``(prediction, None)``, or ``(None, why)`` when the graphs cannot be run on fake tensors."""
     try:
@@ -362,10 +368,10 @@ def memory_report(
     original = measure_step(model, args, kwargs)
     say("measuring one training step of the converted model")
     reversible = measure_step(converted, args, kwargs)
-    capacity = _capacity(cap, state, prediction, (original, reversible), batch) if cap is not None else None
-    if capacity is not None and prediction is not None:
+    capacity = None
+    if cap is not None:
         say("searching the largest batches with simulated steps")
-        capacity = searched_capacity(capacity, state, converted, args, kwargs, batch or 1)
+        capacity = _measured_capacity(cap, state, prediction, (original, reversible), converted, args, kwargs, batch)
     param = next(model.parameters())
     return MemoryReport(
         model=name or type(model).__name__,

@@ -121,6 +121,31 @@ def _run(model, args, kwargs, mode, seed, projections):
     return [o.detach() for o in outputs], grads
 
 
+def _compare(names, reference, candidate, tolerance: float | None, approximate_names: set) -> tuple[list, list, list]:
+    """One ``GradientCheck`` per gradient: exact ones, ones with no gradient, sketched (approximate) ones."""
+    dtype = next((g.dtype for g in reference if g is not None), torch.float32)
+    # Gradients zero in exact arithmetic (a key-projection bias: softmax ignores a
+    # per-query shift) are rounding noise in both modes; compare them absolutely.
+    scale = max((float(g.double().norm()) for g in reference if g is not None), default=0.0)
+    floor = 1e3 * torch.finfo(dtype).eps * scale
+    checks, unchecked, approximate = [], [], []
+    for name, ref, got in zip(names, reference, candidate):
+        if ref is None or got is None:
+            unchecked.append(name)
+            continue
+        ref64, got64 = ref.double(), got.double()
+        tol = tolerance if tolerance is not None else TOLERANCES.get(ref.dtype, 1e-4)
+        difference = float((got64 - ref64).norm())
+        if float(ref64.norm()) <= floor:
+            # relative to the noise floor: passes when the difference is noise too
+            error = difference / floor * tol if floor > 0 else (0.0 if difference == 0 else math.inf)
+        else:
+            error = difference / float(ref64.norm())
+        check = GradientCheck(name, error if math.isfinite(error) else math.inf, float(ref64.norm()), tol)
+        (approximate if name in approximate_names else checks).append(check)
+    return checks, unchecked, approximate
+
+
 def verify(model: nn.Module, example_inputs=(), example_kwargs: dict | None = None, *, mode: str = "reversible", seed: int = 0, tolerance: float | None = None) -> VerifyReport:
     """Compare ``mode``'s gradients with ``"autograd"`` on one call of a converted model.
 
@@ -153,28 +178,9 @@ def verify(model: nn.Module, example_inputs=(), example_kwargs: dict | None = No
             model.train(was_training)
     names = [f"input {i}" for i in range(len(_float_leaves((args, kwargs))))]
     names += [name for name, p in model.named_parameters() if p.requires_grad]
-    dtype = next((g.dtype for g in reference if g is not None), torch.float32)
-    # Gradients zero in exact arithmetic (a key-projection bias: softmax ignores a
-    # per-query shift) are rounding noise in both modes; compare them absolutely.
-    scale = max((float(g.double().norm()) for g in reference if g is not None), default=0.0)
-    floor = 1e3 * torch.finfo(dtype).eps * scale
-    checks, unchecked, approximate = [], [], []
     sketched = {id(p) for p in sketched_parameters(model)}
     approximate_names = {name for name, p in model.named_parameters() if id(p) in sketched}
-    for name, ref, got in zip(names, reference, candidate):
-        if ref is None or got is None:
-            unchecked.append(name)
-            continue
-        ref64, got64 = ref.double(), got.double()
-        tol = tolerance if tolerance is not None else TOLERANCES.get(ref.dtype, 1e-4)
-        difference = float((got64 - ref64).norm())
-        if float(ref64.norm()) <= floor:
-            # relative to the noise floor: passes when the difference is noise too
-            error = difference / floor * tol if floor > 0 else (0.0 if difference == 0 else math.inf)
-        else:
-            error = difference / float(ref64.norm())
-        check = GradientCheck(name, error if math.isfinite(error) else math.inf, float(ref64.norm()), tol)
-        (approximate if name in approximate_names else checks).append(check)
+    checks, unchecked, approximate = _compare(names, reference, candidate, tolerance, approximate_names)
     checks.sort(key=lambda c: -c.relative_error / c.tolerance)
     outputs_equal = all(torch.equal(a, b) for a, b in zip(ref_out, out))
     return VerifyReport(mode, tuple(checks), tuple(unchecked), outputs_equal, tuple(approximate))
