@@ -250,9 +250,9 @@ EXTERNAL: dict[str, Family] = {
         "on the first attention branch, so every attention layer after the first stays ordinary autograd.",
     ),
     "xt-alibi-rmsnorm": Family(
-        "x_transformers", xt_alibi, Partial(1, 1, "code after this residual add reads it too"),
-        note="the ALiBi bias is built in the first attention branch from the key's length (a shape query on a "
-        "branch value) and reused by the later layers, so they stay ordinary autograd.",
+        "x_transformers", xt_alibi, Converts(1),
+        note="the ALiBi bias is computed from sizes once and read by every layer as a side input of the "
+        "segment, so every layer converts.",
     ),
     "xt-residual-attn": Family(
         "x_transformers", xt_residual_attention, Partial(1, 1, "code after this residual add reads it too"),
