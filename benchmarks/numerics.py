@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import statistics
-from datetime import date
 from pathlib import Path
 
 import torch
 
 import revcompile
 from revcompile.reference import example_inputs, reference_vit
+from results_io import run_meta, write_results
 
 CASES = {
     # name: (parameter dtype, autocast dtype or None, streams option)
@@ -142,11 +140,8 @@ def main() -> None:
             r = rows[-1]
             print(f"{case:26s} depth {depth:3d}: drift {r['reconstruction_drift']:.1e}, grad worst {r['gradient_error_worst']:.1e}, "
                   f"median {r['gradient_error_median']:.1e}", flush=True)
-    meta = {"date": date.today().isoformat(), "machine": platform.machine(), "torch": torch.__version__}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    args.out.write_text(markdown(rows, meta))
-    print(f"wrote {args.out} and {args.json}")
+    meta = run_meta()
+    write_results({"meta": meta, "rows": rows}, args.json, args.out, markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,8 @@ import argparse
 import importlib
 import importlib.metadata
 import json
-import platform
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -37,6 +35,7 @@ from revcompile.measure import saved_for_backward  # noqa: E402
 from tests.conftest import perturb_parameters  # noqa: E402
 from tests.models import ZOO  # noqa: E402
 from tests.zoo_external import EXTERNAL  # noqa: E402
+from results_io import run_meta, write_results  # noqa: E402
 
 ZOO_LIBRARIES = {"vit_pytorch": "vit-pytorch", "x_transformers": "x-transformers", "open_clip": "open_clip_torch", "peft": "peft"}
 
@@ -227,14 +226,11 @@ def main() -> None:
             libraries[pip_name] = importlib.metadata.version(pip_name)
         except importlib.metadata.PackageNotFoundError:
             continue
-    meta = {"date": date.today().isoformat(), "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, "libraries": libraries}
+    meta = run_meta(libraries=libraries)
     if args.only and args.json.exists():  # keep the other families' rows, in registry order
         measured = {r["family"]: r for r in json.loads(args.json.read_text())["rows"]} | {r["family"]: r for r in rows}
         rows = [measured[name] for name in [*ZOO, *EXTERNAL] if name in measured]
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    args.out.write_text(markdown(rows, meta))
-    print(f"wrote {args.out} and {args.json}")
+    write_results({"meta": meta, "rows": rows}, args.json, args.out, markdown(rows, meta))
 
 
 if __name__ == "__main__":
