@@ -22,9 +22,6 @@ docs/benchmarks.md quotes them.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -32,13 +29,17 @@ import torch
 import revcompile
 from revcompile.budget import batch_capacity, training_state
 from revcompile.report import _at_batch, measure_step, predict, searched_capacity
+from results_io import run_meta, write_results
+
+
+EXAMPLE_BATCH = 2  # torch.export specialises a batch dimension of 1
 
 
 def reference_vit():
     from revcompile.reference import example_inputs, reference_vit
 
     model = reference_vit(depth=12, dim=192, heads=3)
-    return model, example_inputs(model, 1), {}
+    return model, example_inputs(model, EXAMPLE_BATCH), {}
 
 
 def gpt2():
@@ -47,14 +48,14 @@ def gpt2():
 
     logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=6, n_embd=256, n_head=4, vocab_size=2048))
-    tokens = torch.randint(0, 2048, (1, 128))
+    tokens = torch.randint(0, 2048, (EXAMPLE_BATCH, 128))
     return model, (tokens,), {"labels": tokens}
 
 
 def swin_t():
     import timm
 
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10), (torch.randn(1, 3, 224, 224),), {}
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10), (torch.randn(EXAMPLE_BATCH, 3, 224, 224),), {}
 
 
 MODELS = {"vit": ("reference ViT (depth 12, width 192)", reference_vit), "gpt2": ("GPT-2 (HF, 6 layers, width 256, 128 tokens)", gpt2),
@@ -67,7 +68,7 @@ def _error(predicted: int, measured: int | None) -> float | None:
 
 def compare(model, converted, args, kwargs, batch: int) -> dict:
     """Prediction (fitted away from ``batch``) against one real step at ``batch``, both models."""
-    at_args, at_kwargs = _at_batch([args, kwargs], 1, batch)
+    at_args, at_kwargs = _at_batch([args, kwargs], EXAMPLE_BATCH, batch)
     prediction = predict(converted, at_args, at_kwargs, batch)
     row = {"batch": batch, "fitted_at": list(prediction.batches)}
     for name, module, line in (("original", model, prediction.original_peak), ("converted", converted, prediction.converted_peak)):
@@ -81,11 +82,11 @@ def compare(model, converted, args, kwargs, batch: int) -> dict:
 def largest_batch_fits(model, converted, args, kwargs, cap: int) -> dict:
     """Run the converted model at the batch predicted to be the largest under ``cap``: does it fit?"""
     state = training_state(model, "adamw", reserve=0)
-    prediction = predict(converted, args, kwargs, 1)
+    prediction = predict(converted, args, kwargs, EXAMPLE_BATCH)
     capacity = batch_capacity(cap, state, prediction.original_peak, prediction.converted_peak, "simulated peak")
     line = capacity
-    capacity = searched_capacity(capacity, state, converted, args, kwargs, 1)
-    at_args, at_kwargs = _at_batch([args, kwargs], 1, capacity.converted)
+    capacity = searched_capacity(capacity, state, converted, args, kwargs, EXAMPLE_BATCH)
+    at_args, at_kwargs = _at_batch([args, kwargs], EXAMPLE_BATCH, capacity.converted)
     measured = measure_step(converted, at_args, at_kwargs)
     used = state.total + measured.peak_bytes
     return {"cap": cap, "predicted_largest_batch": capacity.converted, "original_largest_batch": capacity.original,
@@ -131,11 +132,13 @@ def main() -> None:
             print(f"{label} batch {batch}: original {r['original']['error']:+.1%}, converted {r['converted']['error']:+.1%}", flush=True)
         fits.append({"model": label, **largest_batch_fits(model, converted, inputs, kwargs, revcompile.budget.parse_bytes(args.cap))})
         print(f"{label}: largest batch {fits[-1]}", flush=True)
-    meta = {"date": date.today().isoformat(), "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prediction.json").write_text(json.dumps({"meta": meta, "rows": rows, "largest_batch": fits}, indent=2))
-    (args.out / "prediction.md").write_text(markdown(rows, fits, meta))
-    print(f"wrote {args.out / 'prediction.json'} and {args.out / 'prediction.md'}")
+        _write(args.out, rows, fits)
+
+
+def _write(out: Path, rows: list, fits: list) -> None:
+    meta = run_meta()
+    write_results({"meta": meta, "rows": rows, "largest_batch": fits}, out / "prediction.json", out / "prediction.md",
+                  markdown(rows, fits, meta))
 
 
 if __name__ == "__main__":
