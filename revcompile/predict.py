@@ -118,6 +118,14 @@ def _fake_inputs(mode, value, dtype: torch.dtype | None):
 
 
 def _build_on_meta(factory) -> nn.Module:
+    with torch.device("meta"):
+        honoured = torch.empty(0).device.type == "meta"
+    if not honoured:
+        raise ReportError(
+            "torch function modes are disabled in this process (a library left them off), so "
+            "`with torch.device('meta')` would build the model for real; predict in a fresh process, "
+            "or build the model under `with torch.device('meta'):` yourself and pass the module"
+        )
     try:
         with torch.device("meta"):
             model = factory()

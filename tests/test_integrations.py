@@ -9,12 +9,18 @@ The examples in docs/usage.md ("With HF Trainer, Accelerate and Lightning") are 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import revcompile
 from revcompile.reference import example_inputs, reference_vit
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_vit(dtype=torch.float32):
@@ -33,8 +39,18 @@ def _assert_same_state(loaded: dict, trained: dict) -> None:
 
 @pytest.mark.slow  # ~15 s on a loaded 2-core CPU: torch.export of GPT-2 and the Trainer's setup
 def test_hf_trainer_trains_a_converted_gpt2_and_saves_the_original_checkpoint(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # Trainer needs it
+    # In a process of its own: a Trainer run leaves torch function modes disabled for the rest
+    # of the process (torch 2.14, transformers 5.23, accelerate 1.16), so a later
+    # `with torch.device("meta")` would silently build on the CPU.
+    probe = f"from tests.test_integrations import _trainer_run; import pathlib; _trainer_run(pathlib.Path({str(tmp_path)!r}))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _trainer_run(tmp_path):
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
     class OriginalCheckpointTrainer(Trainer):
