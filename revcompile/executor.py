@@ -31,7 +31,7 @@ import torch
 
 from revcompile.passes.schedule import BackwardProgram, Step
 
-__all__ = ["BRANCHES", "StepValues", "InlineStreams", "CudaStreams", "stream_backend", "run_program"]
+__all__ = ["BRANCHES", "StepValues", "InlineStreams", "CudaStreams", "stream_backend", "ProgramRun", "run_program"]
 
 BRANCHES = ("g", "f")  # the order of a block's branches in backward: G(Y1) first, then F(X2)
 
@@ -167,43 +167,72 @@ def _last_uses(program: BackwardProgram) -> dict[Step, set]:
     return drops
 
 
-def run_program(program: BackwardProgram, ops: dict, env: dict, streams) -> dict:
-    """Run ``program`` on ``env`` (holding its inputs) and return ``env`` with its outputs.
+class ProgramRun:
+    """One run of ``program`` on ``env``, issued in pieces: ``run_through(step)`` issues groups
+    until ``step`` has run, ``run_through()`` to the end.
 
     ``ops[kind](block, branch, values, scratch)`` performs one branch of one step; it reads
     and writes ``values`` (a ``StepValues``) and may keep state for the step's next branch
-    in ``scratch``. ``streams`` is a backend (``stream_backend``).
+    in ``scratch``. ``streams`` is a backend (``stream_backend``). Each piece starts after
+    everything queued on stream 0 and ends with stream 0 waiting for every other stream,
+    with the outputs made so far handed to stream 0: between pieces the caller may take
+    outputs out of ``env`` (the reconstruction tape releases a block's parameter gradients
+    there, ``revcompile.runtime.tape``) and use them on stream 0.
     """
-    producer = {name: 0 for name in env}  # the stream whose work made each value
-    drops = _last_uses(program)
-    awaited = {awaited for _, awaited in program.waits}
-    events: dict[Step, object] = {}
-    streams.begin()
-    for group in program.groups:
+
+    def __init__(self, program: BackwardProgram, ops: dict, env: dict, streams):
+        self.program, self.ops, self.env, self.streams = program, ops, env, streams
+        self.producer = {name: 0 for name in env}  # the stream whose work made each value
+        self.drops = _last_uses(program)
+        self.awaited = {awaited for _, awaited in program.waits}
+        self.events: dict[Step, object] = {}
+        self.done: set[Step] = set()
+        self.issued_groups = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.issued_groups == len(self.program.groups)
+
+    def run_through(self, step: Step | None = None) -> dict:
+        """Issue groups until ``step`` (every step when None) has run; return the environment."""
+        self.streams.begin()
+        while not self.finished and (step is None or step not in self.done):
+            self._issue(self.program.groups[self.issued_groups])
+            self.issued_groups += 1
+        for name in self.program.outputs:
+            if name in self.env and self.producer[name] != 0:
+                self.streams.handoff(list(_tensors(self.env[name])), 0)
+        self.streams.end()
+        return self.env
+
+    def _issue(self, group: tuple[Step, ...]) -> None:
+        program, env, streams = self.program, self.env, self.streams
         for step in group:
             stream = program.streams[step]
             for dependency in program.waits_for(step):
-                streams.wait(stream, events[dependency])
+                streams.wait(stream, self.events[dependency])
             for name in program.reads[step]:
-                if name in env and producer[name] != stream:
+                if name in env and self.producer[name] != stream:
                     streams.handoff(list(_tensors(env[name])), stream)
         views = {step: StepValues(env, step, program.reads[step], program.writes[step]) for step in group}
         scratch: dict[Step, dict] = {step: {} for step in group}
         for branch in BRANCHES:
             for step in group:
                 with streams.use(program.streams[step]):
-                    ops[step[0]](step[1], branch, views[step], scratch[step])
+                    self.ops[step[0]](step[1], branch, views[step], scratch[step])
         for step in group:
             stream = program.streams[step]
             for name in program.writes[step]:
                 if name in env:
-                    producer[name] = stream
-            if step in awaited:
-                events[step] = streams.record(stream)
-            for name in drops[step]:
+                    self.producer[name] = stream
+            if step in self.awaited:
+                self.events[step] = streams.record(stream)
+            for name in self.drops[step]:
                 env.pop(name, None)
-    for name in program.outputs:
-        if name in env and producer[name] != 0:
-            streams.handoff(list(_tensors(env[name])), 0)
-    streams.end()
-    return env
+            self.done.add(step)
+
+
+def run_program(program: BackwardProgram, ops: dict, env: dict, streams) -> dict:
+    """Run ``program`` on ``env`` (holding its inputs) in one piece and return ``env`` with its
+    outputs (``ProgramRun`` says what ``ops`` and ``streams`` are)."""
+    return ProgramRun(program, ops, env, streams).run_through()

@@ -11,6 +11,7 @@ import torch
 import revcompile
 import revcompile.executor as runtime_streams
 import revcompile.runtime.segment as runtime
+import revcompile.runtime.tape as runtime_tape
 from revcompile.runtime.auto import AutoChoice
 from revcompile.reference import example_inputs, reference_vit
 from tests.conftest import (
@@ -151,7 +152,7 @@ def test_cuda_parallel_runs_on_two_streams_in_a_safe_order(monkeypatch):
     model, x = _cuda_vit(5)
     converted = revcompile.convert(model, x)
     traces = []
-    real = runtime.run_program
+    real = runtime_tape.ProgramRun
 
     def recorded(program, ops, env, streams):
         assert isinstance(streams, runtime_streams.CudaStreams)
@@ -159,7 +160,7 @@ def test_cuda_parallel_runs_on_two_streams_in_a_safe_order(monkeypatch):
         traces.append(backend.trace)
         return real(program, _logged(ops, backend), env, backend)
 
-    monkeypatch.setattr(runtime, "run_program", recorded)
+    monkeypatch.setattr(runtime_tape, "ProgramRun", recorded)
     assert_gradients_match(converted, (x,), tol=1e-4, mode="parallel")
     assert traces
     for trace in traces:

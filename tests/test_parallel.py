@@ -17,6 +17,7 @@ import torch
 
 import revcompile
 import revcompile.runtime.segment as runtime
+import revcompile.runtime.tape as runtime_tape
 from revcompile.runtime.auto import AutoChoice
 from revcompile.passes.schedule import (
     GRAD,
@@ -86,8 +87,8 @@ def test_auto_runs_the_sequential_program_on_cpu(monkeypatch):
     model, x = _vit(3)
     converted = revcompile.convert(model, x)
     used = []
-    real = runtime.run_program
-    monkeypatch.setattr(runtime, "run_program", lambda program, *a: used.append(program.stream_count) or real(program, *a))
+    real = runtime_tape.ProgramRun
+    monkeypatch.setattr(runtime_tape, "ProgramRun", lambda program, *a: used.append(program.stream_count) or real(program, *a))
     assert_gradients_match(converted, (x,), tol=1e-10, mode="auto")
     assert used == [1]
     assert all(not s.auto_choices for v in converted.reversible_variants for s in v.segments)
@@ -254,14 +255,14 @@ def test_runtime_steps_are_safe_on_simulated_streams(monkeypatch):
     model, x = _vit(5)
     converted = revcompile.convert(model, x)
     traces = []
-    real = runtime.run_program
+    real = runtime_tape.ProgramRun
 
     def recorded(program, ops, env, streams):
         backend = RecordingStreams(program.stream_count)
         traces.append(backend.trace)
         return real(program, _logged(ops, backend), env, backend)
 
-    monkeypatch.setattr(runtime, "run_program", recorded)
+    monkeypatch.setattr(runtime_tape, "ProgramRun", recorded)
     assert_gradients_match(converted, (x,), tol=1e-10, mode="parallel")
     assert traces
     for trace in traces:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import revcompile
-import revcompile.runtime.segment as runtime_segment
+import revcompile.runtime.tape as runtime_tape
 import revcompile.runtime.steps as runtime_steps
 from revcompile.reference import example_inputs, reference_vit
 from tests.conftest import (
@@ -194,6 +194,6 @@ def test_recompute_replays_the_forward_autocast_state(monkeypatch):
     replayed = _autocast_gradients(converted, x, "reversible")
     error = max(relative_error(a, b) for a, b in zip(replayed, reference))
     assert error < 2e-2
-    monkeypatch.setattr(runtime_segment, "autocast_as", lambda state: contextlib.nullcontext())
+    monkeypatch.setattr(runtime_tape, "autocast_as", lambda state: contextlib.nullcontext())
     not_replayed = _autocast_gradients(converted, x, "reversible")
     assert max(relative_error(a, b) for a, b in zip(not_replayed, reference)) > 3 * error

@@ -1,6 +1,7 @@
 """Running converted models: reversible segments, their backward steps, replay and auto-selection.
 
-    segment   ReversibleSegment: the autograd Function of one segment, the backward modes
+    segment   ReversibleSegment: one segment bound to a model, the backward modes
+    tape      the autograd nodes of a reversible call: one per block, releasing its gradients
     steps     the math of a backward step: rebuild a branch, invert its coupling step, pull
     replay    generator states and autocast, so a recompute sees what the forward saw
     auto      "auto": time the one- and two-stream backward and keep the faster

@@ -2,14 +2,14 @@
 
 A ``ReversibleSegment`` is what a ``reversible_segment_<i>`` call in a converted graph
 executes. It runs its blocks' branches as the steps of the model's coupling
-(``revcompile.passes.couplings``) in one of the ``BACKWARD_MODES``: as one
-``torch.autograd.Function`` whose forward keeps only the final streams, the side inputs
-and the coupling's per-step residues, and whose backward runs the segment's
-``BackwardProgram`` (``revcompile.passes.schedule``) with the math of ``runtime.steps``;
-or, in ``"autograd"``, the same coupled computation with stored activations -- the
-reference the reversible backward must reproduce. Parameter gradients are returned from
-the Function, so autograd accumulates each of them exactly once per backward (gradient
-accumulation and DDP hooks see one event).
+(``revcompile.passes.couplings``) in one of the ``BACKWARD_MODES``: reversibly, as a
+chain of autograd nodes (``runtime.tape``) whose forward keeps only the final streams,
+the side inputs and the coupling's per-step residues, and whose backward runs the
+segment's ``BackwardProgram`` (``revcompile.passes.schedule``) with the math of
+``runtime.steps`` one block per node -- so autograd accumulates each block's parameter
+gradients, exactly once per backward with hooks and DDP's all-reduce, as soon as that
+block's step is done; or, in ``"autograd"``, the same coupled computation with stored
+activations -- the reference the reversible backward must reproduce.
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from revcompile.executor import run_program, stream_backend
 from revcompile.passes.couplings import Coupling, RevViT, StreamArithmetic
 from revcompile.passes.rewrite import BranchProgram, SegmentProgram
-from revcompile.passes.schedule import BackwardProgram, cotangent_value, grad_value, saved_value, schedule_backward, side_value, streams_value
-from revcompile.runtime.auto import backward_mode
-from revcompile.runtime.replay import autocast_as, autocast_state, capture_rng, cuda_devices
-from revcompile.runtime.steps import StepMath
+from revcompile.passes.schedule import BackwardProgram, schedule_backward
+from revcompile.runtime.tape import reversible_call
 
 __all__ = ["BACKWARD_MODES", "RuntimeSettings", "ReversibleSegment", "bind_graph"]
 
@@ -92,6 +89,8 @@ class ReversibleSegment:
         self.parameter_names = program.parameters
         index = {name: i for i, name in enumerate(self.parameter_names)}
         self.blocks = [(_Branch(b.f, root, index), _Branch(b.g, root, index)) for b in program.blocks]
+        # each block's parameters (positions in parameter_names): what its gate releases in backward
+        self.block_parameters = [tuple(dict.fromkeys(f.parameters + g.parameters)) for f, g in self.blocks]
         self.__name__ = f"reversible_segment_{program.index}"
         self._programs: dict[tuple, BackwardProgram] = {}
         self.auto_choices: dict[tuple, object] = {}
@@ -132,7 +131,7 @@ class ReversibleSegment:
             coupling, arith = self.settings.coupling, StreamArithmetic(self.settings.streams, x.dtype)
             prev, cur, _ = coupling.run(arith, x, self.branches(side), keep_residues=False)
             return coupling.leave(arith, prev, cur)
-        return _ReversibleFunction.apply(self, x, len(side), *side, *params)
+        return reversible_call(self, x, side, params)
 
 
 def _refuse_sharded(segment: ReversibleSegment, params) -> None:
@@ -145,70 +144,3 @@ def _refuse_sharded(segment: ReversibleSegment, params) -> None:
             "by FSDP. Reversible segments read their parameters directly, so shard the converted model "
             "as a whole -- fully_shard(converted) -- not modules inside it, or use DistributedDataParallel."
         )
-
-
-class _ReversibleFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, segment: ReversibleSegment, x: torch.Tensor, n_side: int, *rest):
-        side, params = rest[:n_side], rest[n_side:]
-        coupling, arith = segment.settings.coupling, StreamArithmetic(segment.settings.streams, x.dtype)
-        devices = cuda_devices((x, *side))
-        rng_log: list = []
-        stored = [] if segment.settings.check_reconstruction else None  # debug: keep block inputs
-
-        def before_step(j, prev, cur):
-            if stored is not None and j % 2 == 0:
-                stored.append((prev, cur))
-            rng_log.append(capture_rng(devices))
-
-        prev, cur, residues = coupling.run(arith, x, segment.branches(side), before_step=before_step)
-        out = coupling.leave(arith, prev, cur)
-        tensor_side = [i for i, s in enumerate(side) if isinstance(s, torch.Tensor)]
-        kept = residues if coupling.saves_per_step else []  # e.g. the dual coupling's packed remainder bits
-        ctx.save_for_backward(prev, cur, *(side[i] for i in tensor_side), *kept)
-        ctx.kept_residues = len(kept)
-        ctx.segment, ctx.coupling, ctx.arith, ctx.params = segment, coupling, arith, params
-        ctx.side_layout = (n_side, tensor_side, {i: s for i, s in enumerate(side) if i not in tensor_side})
-        ctx.side_requires_grad = {i for i in tensor_side if side[i].requires_grad}
-        ctx.rng = (rng_log, devices)
-        ctx.autocast = autocast_state()
-        ctx.mode = segment.settings.mode
-        ctx.input_dtype = x.dtype
-        ctx.stored = stored
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "revcompile: double backward (create_graph=True) through a reversible segment is not "
-                "supported: its backward recomputes instead of keeping a differentiable graph. For "
-                "higher-order gradients use revcompile.set_backward(model, 'autograd')."
-            )
-        segment: ReversibleSegment = ctx.segment
-        prev, cur, *saved = ctx.saved_tensors
-        residues = saved[len(saved) - ctx.kept_residues:]
-        side = _side_inputs(ctx, saved[:len(saved) - ctx.kept_residues])
-        depth = len(segment.blocks)
-        env = {streams_value(depth - 1): (prev, cur), cotangent_value(depth - 1): ctx.coupling.leave_gradient(grad_out.to(cur.dtype))}
-        env.update({side_value(i): side[i] for i in ctx.side_layout[1]})
-        if residues:
-            env.update({saved_value("residue", i): tuple(residues[2 * i:2 * i + 2]) for i in range(depth)})
-        math = StepMath(segment, ctx.coupling, ctx.arith, side, ctx.params, ctx.rng, ctx.side_requires_grad, ctx.stored)
-        mode, timing = backward_mode(ctx.mode, segment.auto_choices, cur, ctx.autocast)
-        program = segment.backward_program(mode, ctx.coupling)
-        with autocast_as(ctx.autocast), timing:
-            env = run_program(program, math.ops, env, stream_backend(cur.device, program.stream_count))
-        d_prev, d_cur = env[cotangent_value(-1)]
-        param_grads = [env.get(grad_value(name)) for name in segment.parameter_names]
-        side_grads = [env.get(grad_value(side_value(i))) for i in range(ctx.side_layout[0])]
-        return (None, (d_prev + d_cur).to(ctx.input_dtype), None, *side_grads, *param_grads)
-
-
-def _side_inputs(ctx, saved_side) -> tuple:
-    """The forward's side inputs, differentiable ones as fresh leaves."""
-    n_side, tensor_side, constants = ctx.side_layout
-    side_list = [constants.get(i) for i in range(n_side)]
-    for i, tensor in zip(tensor_side, saved_side):
-        side_list[i] = tensor.detach().requires_grad_(True) if i in ctx.side_requires_grad else tensor
-    return tuple(side_list)

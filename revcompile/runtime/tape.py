@@ -1,0 +1,186 @@
+"""A segment's backward run by the autograd engine block by block, releasing gradients as it goes.
+
+Had a segment been one ``torch.autograd.Function`` taking all its parameters, autograd
+would accumulate their gradients (``AccumulateGrad``: ``.grad``, tensor and
+post-accumulate-grad hooks, DDP's reducer) only when the whole segment's backward is
+done: DDP could start no all-reduce of the segment before that, and every gradient of
+the segment would be held at once, a gradient-sized transient. So a segment is a chain
+of autograd nodes instead, in forward order:
+
+    _SegmentEntry(x, side...)            the whole forward without a graph; keeps nothing
+    _BlockGate(block 0's parameters)     a zero-size token in, a token out
+    ...
+    _BlockGate(block n-1's parameters)   the exit: makes the segment's output, saves the streams
+
+In backward the engine meets the gates last block first. Gate ``i`` runs the segment's
+``BackwardProgram`` up to and including ``grad i`` and returns block ``i``'s parameter
+gradients, which autograd accumulates -- hooks and all-reduce included -- before gate
+``i-1`` starts. The entry's backward, last, returns the input's and side inputs'
+gradients. The nodes of one forward share a ``ReconstructionTape``: what the forward
+handed to the exit, and the program run in progress with its environment. A backward
+that stops early (``torch.autograd.grad`` with respect to a late block's parameters
+only) leaves the run unfinished; the tape drops it when the engine's graph task ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from revcompile.executor import ProgramRun, stream_backend
+from revcompile.passes.couplings import StreamArithmetic
+from revcompile.passes.schedule import GRAD, cotangent_value, grad_value, saved_value, side_value, streams_value
+from revcompile.runtime.auto import backward_mode
+from revcompile.runtime.replay import autocast_as, autocast_state, capture_rng, cuda_devices
+from revcompile.runtime.steps import StepMath
+
+__all__ = ["ReconstructionTape", "reversible_call"]
+
+
+class ReconstructionTape:
+    """What the nodes of one segment call share: the forward's state, then one backward run."""
+
+    def __init__(self, segment, params: list, side: tuple):
+        self.segment, self.params = segment, params
+        self.side_layout = (len(side), [i for i, s in enumerate(side) if isinstance(s, torch.Tensor)])
+        self.constants = {i: s for i, s in enumerate(side) if i not in self.side_layout[1]}
+        self.side_requires_grad = {i for i in self.side_layout[1] if side[i].requires_grad}
+        self.handed_over: tuple | None = None  # the forward's tensors, until the exit saves them
+        self.forward: dict = {}  # the forward's coupling, arithmetic, generator states, autocast, mode
+        self.run = None  # the backward run in progress: a _Run
+
+    def start(self, saved: tuple, grad_out: torch.Tensor) -> None:
+        """A backward begins at the exit (also a second one, with ``retain_graph``)."""
+        self.finish()
+        self.run = _Run(self, saved, grad_out)
+        torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.close()
+        self.run = None
+
+
+class _Run:
+    """One backward through the segment: its program run, environment and step math."""
+
+    def __init__(self, tape: ReconstructionTape, saved: tuple, grad_out: torch.Tensor):
+        segment, forward = tape.segment, tape.forward
+        prev, cur, *rest = saved
+        n_tensor_side = len(tape.side_layout[1])
+        residues = rest[n_tensor_side:]
+        side = _side_inputs(tape, rest[:n_tensor_side])
+        depth = len(segment.blocks)
+        env = {streams_value(depth - 1): (prev, cur), cotangent_value(depth - 1): forward["coupling"].leave_gradient(grad_out.to(cur.dtype))}
+        env.update({side_value(i): side[i] for i in tape.side_layout[1]})
+        if residues:
+            env.update({saved_value("residue", i): tuple(residues[2 * i:2 * i + 2]) for i in range(depth)})
+        math = StepMath(segment, forward["coupling"], forward["arith"], side, tape.params, forward["rng"],
+                        tape.side_requires_grad, forward["stored"])
+        mode, timing = backward_mode(forward["mode"], segment.auto_choices, cur, forward["autocast"])
+        program = segment.backward_program(mode, forward["coupling"])
+        self.autocast = forward["autocast"]
+        self.timing = contextlib.ExitStack()
+        self.timing.enter_context(timing)
+        self.program_run = ProgramRun(program, math.ops, env, stream_backend(cur.device, program.stream_count))
+
+    def through_block(self, i: int) -> dict:
+        """Run up to and including ``grad i``; the environment after it."""
+        with autocast_as(self.autocast):
+            env = self.program_run.run_through((GRAD, i))
+        if self.program_run.finished:
+            self.timing.close()
+        return env
+
+    def close(self) -> None:
+        self.timing.close()
+        self.program_run = None
+
+
+def _side_inputs(tape: ReconstructionTape, saved_side) -> tuple:
+    """The forward's side inputs, differentiable ones as fresh leaves."""
+    n_side, tensor_side = tape.side_layout
+    side_list = [tape.constants.get(i) for i in range(n_side)]
+    for i, tensor in zip(tensor_side, saved_side):
+        side_list[i] = tensor.detach().requires_grad_(True) if i in tape.side_requires_grad else tensor
+    return tuple(side_list)
+
+
+def reversible_call(segment, x: torch.Tensor, side: tuple, params: list) -> torch.Tensor:
+    """The segment's output, with the entry -> gates -> exit chain as its graph."""
+    tape = ReconstructionTape(segment, params, side)
+    token = _SegmentEntry.apply(tape, x, *side)
+    for i, positions in enumerate(segment.block_parameters):
+        token = _BlockGate.apply(tape, i, token, *(params[k] for k in positions))
+    return token
+
+
+class _SegmentEntry(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tape: ReconstructionTape, x: torch.Tensor, *side):
+        segment = tape.segment
+        coupling, arith = segment.settings.coupling, StreamArithmetic(segment.settings.streams, x.dtype)
+        devices = cuda_devices((x, *side))
+        rng_log: list = []
+        stored = [] if segment.settings.check_reconstruction else None  # debug: keep block inputs
+
+        def before_step(j, prev, cur):
+            if stored is not None and j % 2 == 0:
+                stored.append((prev, cur))
+            rng_log.append(capture_rng(devices))
+
+        prev, cur, residues = coupling.run(arith, x, segment.branches(side), before_step=before_step)
+        kept = residues if coupling.saves_per_step else []  # e.g. the dual coupling's packed remainder bits
+        tape.handed_over = (prev, cur, *(side[i] for i in tape.side_layout[1]), *kept)
+        tape.forward = {"coupling": coupling, "arith": arith, "rng": (rng_log, devices), "stored": stored,
+                        "autocast": autocast_state(), "mode": segment.settings.mode, "input_dtype": x.dtype}
+        ctx.tape = tape
+        return x.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _token_grad):
+        tape: ReconstructionTape = ctx.tape
+        if tape.run is None or not tape.run.program_run.finished:
+            raise RuntimeError("revcompile: a reversible segment's entry was reached before its last block's gradient step")
+        env = tape.run.program_run.env
+        d_prev, d_cur = env[cotangent_value(-1)]
+        side_grads = [env.get(grad_value(side_value(i))) for i in range(tape.side_layout[0])]
+        tape.finish()
+        return (None, (d_prev + d_cur).to(tape.forward["input_dtype"]), *side_grads)
+
+
+class _BlockGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tape: ReconstructionTape, i: int, token: torch.Tensor, *params):
+        ctx.tape, ctx.block = tape, i
+        ctx.exit = i == len(tape.segment.blocks) - 1
+        if not ctx.exit:
+            return token.new_empty(0)
+        prev, cur = tape.handed_over[:2]
+        ctx.save_for_backward(*tape.handed_over)
+        tape.handed_over = None
+        return tape.forward["coupling"].leave(tape.forward["arith"], prev, cur)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _refuse_double_backward()
+        tape: ReconstructionTape = ctx.tape
+        if ctx.exit:
+            tape.start(ctx.saved_tensors, grad)
+            grad = grad.new_empty(0)
+        if tape.run is None:
+            raise RuntimeError("revcompile: a reversible segment's backward lost its run (a gate was reached twice)")
+        env = tape.run.through_block(ctx.block)
+        names = tape.segment.parameter_names
+        grads = [env.pop(grad_value(names[k]), None) for k in tape.segment.block_parameters[ctx.block]]
+        return (None, None, grad, *grads)
+
+
+def _refuse_double_backward() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "revcompile: double backward (create_graph=True) through a reversible segment is not "
+            "supported: its backward recomputes instead of keeping a differentiable graph. For "
+            "higher-order gradients use revcompile.set_backward(model, 'autograd')."
+        )
