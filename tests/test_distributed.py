@@ -2,10 +2,11 @@
 
 Two real processes with the gloo backend (CPU). Each rank runs its own shard with its own
 dropout seed; the reference computes the same shards in one process and averages the
-gradients, which is what DDP's all-reduce must produce. Reversible segments return their
-parameter gradients from one autograd Function, so each parameter's gradient is ready
-exactly once per backward -- the condition DDP's reducer needs ("mark a variable ready
-only once" is the error other reversible libraries hit).
+gradients, which is what DDP's all-reduce must produce. A reversible segment's graph has
+one autograd node per block (``revcompile.runtime.tape``), so each parameter's gradient is
+ready exactly once per backward -- the condition DDP's reducer needs ("mark a variable
+ready only once" is the error other reversible libraries hit) -- and a block's buckets
+are all-reduced while the blocks before it are still being reconstructed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.multiprocessing as mp
 
 import revcompile
 from revcompile.reference import reference_vit
+from tests.test_tape import segment_entries
 
 WORLD = 2
 
@@ -97,6 +99,59 @@ def test_ddp_gradients_equal_single_process(tmp_path):
             assert got.keys() == expected.keys()
             for name in expected:
                 torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=f"{kind} {name}")
+
+
+def _bucket_order_worker(rank: int, port: int, out_dir: str) -> None:
+    """DDP with one bucket per parameter: the order in which buckets are all-reduced, and
+    where the segment's backward ends among them. DDP puts every parameter in one bucket
+    for the first step and rebuilds its buckets in the order gradients became ready, so the
+    second step is the one recorded."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        images, labels = _shard(rank)
+        converted = revcompile.convert(_model(), images[:2])
+        ddp = torch.nn.parallel.DistributedDataParallel(converted, bucket_cap_mb=1e-6)
+        names = {p: name for name, p in converted.named_parameters()}
+        events: list[str] = []
+
+        def record(state, bucket):
+            events.extend(f"all-reduce {names[p]}" for p in bucket.parameters())
+            return allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, record)
+        _loss(ddp, *_shard(rank, 1)).backward()  # DDP rebuilds its buckets after this step
+        ddp.zero_grad(set_to_none=True)
+        events.clear()
+        torch.manual_seed(rank)
+        loss = _loss(ddp, images, labels)
+        (entry,) = segment_entries(loss)
+        entry.register_hook(lambda *_: events.append("segment done"))
+        for i in range(3):  # registered after the forward: fires when the backward rebuilds block i
+            converted.get_submodule(f"blocks.{i}.mlp.fc1").register_forward_hook(lambda *_, i=i: events.append(f"rebuild {i}"))
+        loss.backward()
+        torch.save({"events": events, "grads": _gradients(converted)}, os.path.join(out_dir, f"order_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_all_reduces_a_block_before_the_segment_backward_ends(tmp_path):
+    mp.spawn(_bucket_order_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    expected = _reference([[(rank, _shard(rank))] for rank in range(WORLD)])
+    for rank in range(WORLD):
+        result = torch.load(tmp_path / f"order_{rank}.pt")
+        events = result["events"]
+        end = events.index("segment done")
+        for block in range(3):
+            launched = [k for k, e in enumerate(events) if e.startswith(f"all-reduce blocks.{block}.")]
+            assert len(launched) == 12 and max(launched) < end, (block, events)
+            if block > 0:
+                assert max(launched) < events.index(f"rebuild {block - 1}"), (block, events)
+        assert any(e.startswith("all-reduce patch_embed") for e in events[end:]), events
+        for name, grad in expected.items():
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def _fully_shard():
