@@ -57,6 +57,7 @@ class ReconstructionTape:
         torch.autograd.Variable._execution_engine.queue_callback(self.finish)
 
     def finish(self) -> None:
+        """Drop the run: at the entry, or when the engine's graph task ends (a backward that stopped early)."""
         if self.run is not None:
             self.run.close()
         self.run = None
@@ -142,7 +143,8 @@ class _SegmentEntry(torch.autograd.Function):
     def backward(ctx, _token_grad):
         tape: ReconstructionTape = ctx.tape
         if tape.run is None or not tape.run.program_run.finished:
-            raise RuntimeError("revcompile: a reversible segment's entry was reached before its last block's gradient step")
+            raise RuntimeError(f"revcompile internal error: the input gradient of {tape.segment.__name__} was "
+                               "asked for before block 0's gradient step ran")
         env = tape.run.program_run.env
         d_prev, d_cur = env[cotangent_value(-1)]
         side_grads = [env.get(grad_value(side_value(i))) for i in range(tape.side_layout[0])]
@@ -169,8 +171,9 @@ class _BlockGate(torch.autograd.Function):
         if ctx.exit:
             tape.start(ctx.saved_tensors, grad)
             grad = grad.new_empty(0)
-        if tape.run is None:
-            raise RuntimeError("revcompile: a reversible segment's backward lost its run (a gate was reached twice)")
+        if tape.run is None:  # gates are reached only through the exit, which starts a run
+            raise RuntimeError(f"revcompile internal error: block {ctx.block}'s gradient step of "
+                               f"{tape.segment.__name__} was reached with no backward of the segment in progress")
         env = tape.run.through_block(ctx.block)
         names = tape.segment.parameter_names
         grads = [env.pop(grad_value(names[k]), None) for k in tape.segment.block_parameters[ctx.block]]
