@@ -3,7 +3,7 @@
 Counting what autograd *saves* (``revcompile.passes.memory``) leaves out the working
 memory of the backward: the gradients flowing back, each op's temporaries, and -- for a
 reversible segment -- the rebuilt branch graph, the reconstructed streams and the
-parameter gradients a segment returns together. Guessing those as a constant number of
+parameter gradients of the block being differentiated. Guessing those as a constant number of
 stream-sized tensors under-predicted the converted step's peak by up to a third. Instead,
 this module *runs* the training step -- forward, loss, backward, through the real
 runtime -- on fake tensors (``FakeTensorMode``: shapes, dtypes and devices, no data, no
