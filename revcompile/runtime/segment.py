@@ -92,6 +92,8 @@ class ReversibleSegment:
         self.parameter_names = program.parameters
         index = {name: i for i, name in enumerate(self.parameter_names)}
         self.blocks = [(_Branch(b.f, root, index), _Branch(b.g, root, index)) for b in program.blocks]
+        # per step (block 0's F, its G, ...): whether its recompute must replay generator state
+        self.draws_random = tuple(branch.draws_random for b in program.blocks for branch in (b.f, b.g))
         self.__name__ = f"reversible_segment_{program.index}"
         self._programs: dict[tuple, BackwardProgram] = {}
         self.auto_choices: dict[tuple, object] = {}
@@ -159,7 +161,7 @@ class _ReversibleFunction(torch.autograd.Function):
         def before_step(j, prev, cur):
             if stored is not None and j % 2 == 0:
                 stored.append((prev, cur))
-            rng_log.append(capture_rng(devices))
+            rng_log.append(capture_rng(devices) if segment.draws_random[j] else None)
 
         prev, cur, residues = coupling.run(arith, x, segment.branches(side), before_step=before_step)
         out = coupling.leave(arith, prev, cur)
