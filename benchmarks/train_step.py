@@ -128,13 +128,14 @@ class Bench:
                 for _ in range(self.warmup + (9 if variant == "auto" else 0)):
                     step()
             times: dict[str, list] = {variant: [] for variant in timed}
-            for _ in range(self.steps):
-                for variant, step in timed.items():
+            for round_ in range(self.steps):  # odd rounds in reverse: no variant always follows the same one
+                for variant, step in list(timed.items())[::-1 if round_ % 2 else 1]:
                     times[variant].append(self.time_one(step))
         except torch.cuda.OutOfMemoryError:
             return {variant: {"oom": True} for variant in models}
         for variant, seconds in times.items():
             results[variant]["seconds"] = statistics.median(seconds)
+            results[variant]["samples"] = seconds
         return results
 
 
@@ -222,12 +223,17 @@ def handwritten_rows(bench: Bench, notes: list[str]) -> list[dict]:
         models[f"converted, {streams} streams"] = (revcompile.convert(original, example, streams=streams), None)
     notes.append(_same_function(models, workload, bench.device))
     args, _, _ = workload.make_batch(shape["batch"], bench.device)
+    results = bench.compare(models, workload, shape["batch"])
     rows = []
-    for variant, result in bench.compare(models, workload, shape["batch"]).items():
+    for variant, result in results.items():
         model = models[variant][0]
         _, saved = saved_for_backward(lambda: model(*args), model)
-        rows.append({"variant": variant, "batch": shape["batch"], **result, "saved_bytes": saved.bytes})
-        print(f"{variant:28s} {result['seconds'] * 1e3:8.1f} ms  saved {saved.bytes / 2**20:6.1f} MiB", flush=True)
+        # the median over rounds of this variant's time over the other's in the same round
+        paired = {f"vs {other}": statistics.median(a / b for a, b in zip(result["samples"], results[other]["samples"]))
+                  for other in ("hand-written Rev-ViT", "checkpoint", "original")}
+        rows.append({"variant": variant, "batch": shape["batch"], **result, **paired, "saved_bytes": saved.bytes})
+        print(f"{variant:28s} {result['seconds'] * 1e3:8.1f} ms  {paired['vs hand-written Rev-ViT']:.3f}x hand-written  "
+              f"saved {saved.bytes / 2**20:6.1f} MiB", flush=True)
     return rows
 
 
