@@ -19,7 +19,7 @@ from torch import nn
 
 from revcompile.reference import ReferenceViT
 
-__all__ = ["HandwrittenRevViT"]
+__all__ = ["HandwrittenRevViT", "unpack_qkv"]
 
 
 def _attention_branch(block, x):
@@ -77,3 +77,26 @@ class HandwrittenRevViT(nn.Module):
         x = m.pos_drop(x + m.pos_embed)
         x = _ReversibleBlocks.apply(x, list(m.blocks))
         return m.head(m.norm(x)[:, 0])
+
+
+class _UnpackingAttention(nn.Module):
+    """The reference attention written ``q, k, v = qkv.reshape(...).permute(...)``: one unbind
+    in eager code, one index op per element in an fx trace (until normalisation)."""
+
+    def __init__(self, attention):
+        super().__init__()
+        self.qkv, self.proj, self.attn_drop, self.proj_drop = attention.qkv, attention.proj, attention.attn_drop, attention.proj_drop
+        self.heads, self.scale = attention.heads, attention.scale
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(batch, tokens, dim)))
+
+
+def unpack_qkv(model: ReferenceViT) -> ReferenceViT:
+    """``model`` with every attention unpacking its q, k, v (same parameters, same function)."""
+    for block in model.blocks:
+        block.attn = _UnpackingAttention(block.attn)
+    return model

@@ -204,16 +204,20 @@ def depth_rows(bench: Bench, size: str) -> list[dict]:
     return rows
 
 
-def handwritten_rows(bench: Bench, notes: list[str]) -> list[dict]:
+def handwritten_rows(bench: Bench, notes: list[str], qkv: str = "unbind") -> list[dict]:
     """The converted reference ViT (exact and float32 streams) against a hand-written Rev-ViT of the
-    same function and per-block checkpointing, timed in one rotation, with saved bytes beside."""
-    from handwritten_revvit import HandwrittenRevViT
+    same function and per-block checkpointing, timed in one rotation, with saved bytes beside.
+    ``qkv="unpack"``: its attention unpacks ``q, k, v = qkv`` instead of calling unbind."""
+    from handwritten_revvit import HandwrittenRevViT, unpack_qkv
 
     from revcompile.reference import reference_vit
 
     shape = HANDWRITTEN
     torch.manual_seed(0)
     original = reference_vit(**shape["model"]).to(bench.device).train()
+    if qkv == "unpack":
+        original = unpack_qkv(original)
+    notes.append(f"hand-written comparison: attention {'unpacks q, k, v' if qkv == 'unpack' else 'calls unbind'}")
     workload = Workload(original, _image_batches(shape["model"]["img_size"]), torch.nn.functional.cross_entropy,
                         lambda m: list(m.blocks))
     example, _ = workload.example(bench.device)
@@ -231,7 +235,7 @@ def handwritten_rows(bench: Bench, notes: list[str]) -> list[dict]:
         # the median over rounds of this variant's time over the other's in the same round
         paired = {f"vs {other}": statistics.median(a / b for a, b in zip(result["samples"], results[other]["samples"]))
                   for other in ("hand-written Rev-ViT", "checkpoint", "original")}
-        rows.append({"variant": variant, "batch": shape["batch"], **result, **paired, "saved_bytes": saved.bytes})
+        rows.append({"variant": variant, "batch": shape["batch"], "qkv": qkv, **result, **paired, "saved_bytes": saved.bytes})
         print(f"{variant:28s} {result['seconds'] * 1e3:8.1f} ms  {paired['vs hand-written Rev-ViT']:.3f}x hand-written  "
               f"saved {saved.bytes / 2**20:6.1f} MiB", flush=True)
     return rows
@@ -298,6 +302,8 @@ def main() -> None:
     parser.add_argument("--memory-cap-gib", type=float, help="memory cap for the largest batch (default: 16 on cuda, 0.25 on cpu)")
     parser.add_argument("--batch-limit", type=int, default=4096)
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "depth", "max-batch", "handwritten"])
+    parser.add_argument("--qkv", choices=["unbind", "unpack"], default="unbind",
+                        help="handwritten part: the attention calls unbind, or unpacks q, k, v = qkv")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="time steps by the wall clock or by this process's CPU time (CPU only)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -322,7 +328,7 @@ def main() -> None:
     if "max-batch" not in args.skip:
         results["max_batch"] = max_batch_rows(bench, size, cap, args.batch_limit)
     if "handwritten" not in args.skip:
-        results["handwritten"] = handwritten_rows(bench, notes)
+        results["handwritten"] = handwritten_rows(bench, notes, args.qkv)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "_".join(filter(None, ["train_step", args.device, args.tag]))
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
