@@ -141,12 +141,6 @@ class StreamArithmetic:
         self.exact = precision == "exact"
         self.model_dtype = model_dtype
         self.stream_dtype = stream_dtype(precision, model_dtype)
-        # The reversible backward's cotangents: exactness is for the streams (they are inverted),
-        # not for cotangents, so a float32 model's exact streams carry float32 cotangents.
-        # (float16/bfloat16 models keep the stream dtype: a rebuilt branch reads its input cast
-        # from the stream, which rounding through float32 first could change.)
-        narrow = self.exact and model_dtype in (torch.float32, torch.float64)
-        self.cotangent_dtype = model_dtype if narrow else (self.stream_dtype or model_dtype)
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:

@@ -206,7 +206,7 @@ class _ReversibleFunction(torch.autograd.Function):
         residues = saved[len(saved) - ctx.kept_residues:]
         side = _side_inputs(ctx, saved[:len(saved) - ctx.kept_residues])
         depth = len(segment.blocks)
-        env = {streams_value(depth - 1): (prev, cur), cotangent_value(depth - 1): ctx.coupling.leave_gradient(grad_out.to(ctx.arith.cotangent_dtype))}
+        env = {streams_value(depth - 1): (prev, cur), cotangent_value(depth - 1): ctx.coupling.leave_gradient(grad_out.to(cur.dtype))}
         env.update({side_value(i): side[i] for i in ctx.side_layout[1]})
         if residues:
             env.update({saved_value("residue", i): tuple(residues[2 * i:2 * i + 2]) for i in range(depth)})

@@ -34,9 +34,9 @@ class ReconstructionDrift:
 
 
 def _rebuild(branch, stream: torch.Tensor, side: tuple, arith: StreamArithmetic):
-    """Recompute ``branch(stream)`` with a graph from a fresh leaf in the cotangents' dtype: ``(leaf, output)``."""
+    """Recompute ``branch(stream)`` with a graph from a fresh leaf: ``(leaf, output)``."""
     with torch.enable_grad():
-        leaf = stream.detach().to(arith.cotangent_dtype).requires_grad_(True)
+        leaf = stream.detach().requires_grad_(True)
         return leaf, branch(arith.branch_input(leaf), side)
 
 
