@@ -63,6 +63,7 @@ def checkpointed(workload: Workload) -> torch.nn.Module:
 class Bench:
     def __init__(self, device: str, warmup: int, steps: int, clock: str = "wall"):
         self.device, self.warmup, self.steps, self.clock = device, warmup, steps, clock
+        self.samples: dict[str, list] = {}  # the last compare()'s step times per variant, round by round
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -133,9 +134,9 @@ class Bench:
                     times[variant].append(self.time_one(step))
         except torch.cuda.OutOfMemoryError:
             return {variant: {"oom": True} for variant in models}
+        self.samples = times  # each variant's step times, round by round
         for variant, seconds in times.items():
             results[variant]["seconds"] = statistics.median(seconds)
-            results[variant]["samples"] = seconds
         return results
 
 
@@ -231,9 +232,10 @@ def handwritten_rows(bench: Bench, notes: list[str], qkv: str = "unbind") -> lis
     rows = []
     for variant, result in results.items():
         model = models[variant][0]
+        result["samples"] = bench.samples[variant]
         _, saved = saved_for_backward(lambda: model(*args), model)
         # the median over rounds of this variant's time over the other's in the same round
-        paired = {f"vs {other}": statistics.median(a / b for a, b in zip(result["samples"], results[other]["samples"]))
+        paired = {f"vs {other}": statistics.median(a / b for a, b in zip(result["samples"], bench.samples[other]))
                   for other in ("hand-written Rev-ViT", "checkpoint", "original")}
         rows.append({"variant": variant, "batch": shape["batch"], "qkv": qkv, **result, **paired, "saved_bytes": saved.bytes})
         print(f"{variant:28s} {result['seconds'] * 1e3:8.1f} ms  {paired['vs hand-written Rev-ViT']:.3f}x hand-written  "
