@@ -92,8 +92,8 @@ class ReversibleSegment:
         self.parameter_names = program.parameters
         index = {name: i for i, name in enumerate(self.parameter_names)}
         self.blocks = [(_Branch(b.f, root, index), _Branch(b.g, root, index)) for b in program.blocks]
-        # per step (block 0's F, its G, ...): whether its recompute must replay generator state
         self._parameter_paths = [(tuple(n.split(".")[:-1]), n.rsplit(".", 1)[-1]) for n in self.parameter_names]
+        # per step (block 0's F, its G, ...): whether its recompute must replay generator state
         self.draws_random = tuple(branch.draws_random for b in program.blocks for branch in (b.f, b.g))
         self.__name__ = f"reversible_segment_{program.index}"
         self._programs: dict[tuple, BackwardProgram] = {}
