@@ -55,6 +55,17 @@ def target_ratios(rows: list[dict]) -> list[str]:
     return lines
 
 
+def handwritten_table(rows: list[dict]) -> list[str]:
+    """Step time against the hand-written Rev-ViT and per-block checkpointing, and saved bytes."""
+    lines = ["| variant | step (ms) | vs hand-written Rev-ViT | vs checkpoint | vs original | saved (MiB) | peak (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ratios = [f"{r[f'vs {v}']:.3f}x" for v in ("hand-written Rev-ViT", "checkpoint", "original")]
+        lines.append(f"| {r['variant']} | {r['seconds'] * 1e3:,.1f} | " + " | ".join(ratios)
+                     + f" | {_mib(r.get('saved_bytes'))} | {_mib(r.get('peak_bytes'))} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [f"{meta['date']}, {meta['device']}: {meta['machine']}, torch {meta['torch']}, {meta['size']} sizes, "
@@ -76,6 +87,12 @@ def markdown(results: dict) -> str:
                 saved = f" ({_mib(r['saved_bytes'])})" if "saved_bytes" in r else ""
                 cells.append("OOM" if r.get("oom") else _mib(r.get("peak_bytes")) + saved)
             lines.append(f"| {depth} | " + " | ".join(cells) + " |")
+    if results.get("handwritten"):
+        clock = "process CPU time" if results["meta"].get("clock") == "cpu" else "wall clock"
+        lines += ["", f"Step time ({clock}; ratios are of times, lower is faster), reference ViT width 384, depth 12, "
+                  f"65 tokens, batch {results['handwritten'][0]['batch']}, no dropout; step time is the median over rounds, "
+                  "each ratio the median over rounds of the two variants' times in the same round:", "",
+                  *handwritten_table(results["handwritten"])]
     if results["max_batch"]:
         first = results["max_batch"][0]
         original = next(r["largest_batch"] for r in results["max_batch"] if r["variant"] == "original")

@@ -10,7 +10,10 @@ loss, backward, SGD step) after warm-up, timed with CUDA events or the wall cloc
 the peak memory of one step: parameter bytes plus the most allocated above the state
 before the step (``max_memory_allocated`` on CUDA, the live heap -- ``HeapPeak``, never the
 resident set -- on CPU). For the deep model: peak memory against depth, and the largest
-batch whose step stays under ``--memory-cap-gib``.
+batch whose step stays under ``--memory-cap-gib``. The ``handwritten`` part times the converted
+reference ViT (exact and float32 streams) against a hand-written Rev-ViT of the same function
+(``handwritten_revvit.py``) and per-block checkpointing, in one rotation; on CPU use
+``--clock cpu`` (process CPU time) with ``OMP_NUM_THREADS=1``.
 
 Writes ``train_step_<device>[_<tag>].json``, ``.md`` and, with matplotlib installed (the
 ``bench`` extra), ``.png`` into ``--out``. ``--skip`` and ``--models`` split a long run
@@ -37,6 +40,10 @@ import revcompile
 from revcompile.measure import HeapPeak, saved_for_backward
 
 CONVERTED = ("autograd", "reversible", "parallel", "auto")
+# The hand-written comparison: the reference ViT at width 384, depth 12, 65 tokens, batch 8,
+# dropout and drop-path off (the hand-written Rev-ViT replays no random masks).
+HANDWRITTEN = dict(model=dict(dim=384, depth=12, heads=6, img_size=32, patch_size=4, drop=0.0, attn_drop=0.0,
+                              drop_path=0.0), batch=8)
 SIZES = {  # size preset -> batches per model, depth sweep and its batch, the deep model's depth and width
     "full": dict(batches=[16, 32, 64, 128], gpt2_batches=[4, 8, 16], depths=[6, 12, 24, 48], depth_batch=64,
                  deep=24, deep_width=None),
@@ -54,8 +61,9 @@ def checkpointed(workload: Workload) -> torch.nn.Module:
 
 
 class Bench:
-    def __init__(self, device: str, warmup: int, steps: int):
-        self.device, self.warmup, self.steps = device, warmup, steps
+    def __init__(self, device: str, warmup: int, steps: int, clock: str = "wall"):
+        self.device, self.warmup, self.steps, self.clock = device, warmup, steps, clock
+        self.samples: dict[str, list] = {}  # the last compare()'s step times per variant, round by round
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -83,9 +91,10 @@ class Bench:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1000
-        began = time.perf_counter()
+        now = time.process_time if self.clock == "cpu" else time.perf_counter
+        began = now()
         step()
-        return time.perf_counter() - began
+        return now() - began
 
     def memory(self, step, model) -> dict:
         """Parameter bytes plus the most allocated above the state before one step (after a
@@ -120,11 +129,12 @@ class Bench:
                 for _ in range(self.warmup + (9 if variant == "auto" else 0)):
                     step()
             times: dict[str, list] = {variant: [] for variant in timed}
-            for _ in range(self.steps):
-                for variant, step in timed.items():
+            for round_ in range(self.steps):  # odd rounds in reverse: no variant always follows the same one
+                for variant, step in list(timed.items())[::-1 if round_ % 2 else 1]:
                     times[variant].append(self.time_one(step))
         except torch.cuda.OutOfMemoryError:
             return {variant: {"oom": True} for variant in models}
+        self.samples = times  # each variant's step times, round by round
         for variant, seconds in times.items():
             results[variant]["seconds"] = statistics.median(seconds)
         return results
@@ -195,6 +205,63 @@ def depth_rows(bench: Bench, size: str) -> list[dict]:
     return rows
 
 
+def handwritten_rows(bench: Bench, notes: list[str], qkv: str = "unbind") -> list[dict]:
+    """The converted reference ViT (exact and float32 streams) against a hand-written Rev-ViT of the
+    same function and per-block checkpointing, timed in one rotation, with saved bytes beside.
+    ``qkv="unpack"``: its attention unpacks ``q, k, v = qkv`` instead of calling unbind."""
+    from handwritten_revvit import HandwrittenRevViT, unpack_qkv
+
+    from revcompile.reference import reference_vit
+
+    shape = HANDWRITTEN
+    torch.manual_seed(0)
+    original = reference_vit(**shape["model"]).to(bench.device).train()
+    if qkv == "unpack":
+        original = unpack_qkv(original)
+    notes.append(f"hand-written comparison: attention {'unpacks q, k, v' if qkv == 'unpack' else 'calls unbind'}")
+    workload = Workload(original, _image_batches(shape["model"]["img_size"]), torch.nn.functional.cross_entropy,
+                        lambda m: list(m.blocks))
+    example, _ = workload.example(bench.device)
+    models = {"original": (original, None), "checkpoint": (checkpointed(workload), None),
+              "hand-written Rev-ViT": (HandwrittenRevViT(original), None)}
+    for streams in ("exact", "float32"):
+        models[f"converted, {streams} streams"] = (revcompile.convert(original, example, streams=streams), None)
+    notes.append(_same_function(models, workload, bench.device))
+    args, _, _ = workload.make_batch(shape["batch"], bench.device)
+    results = bench.compare(models, workload, shape["batch"])
+    rows = []
+    for variant, result in results.items():
+        model = models[variant][0]
+        result["samples"] = bench.samples[variant]
+        _, saved = saved_for_backward(lambda: model(*args), model)
+        # the median over rounds of this variant's time over the other's in the same round
+        paired = {f"vs {other}": statistics.median(a / b for a, b in zip(result["samples"], bench.samples[other]))
+                  for other in ("hand-written Rev-ViT", "checkpoint", "original")}
+        rows.append({"variant": variant, "batch": shape["batch"], "qkv": qkv, **result, **paired, "saved_bytes": saved.bytes})
+        print(f"{variant:28s} {result['seconds'] * 1e3:8.1f} ms  {paired['vs hand-written Rev-ViT']:.3f}x hand-written  "
+              f"saved {saved.bytes / 2**20:6.1f} MiB", flush=True)
+    return rows
+
+
+def _image_batches(side: int):
+    def make_batch(batch: int, device: str):
+        generator = torch.Generator().manual_seed(batch)
+        images = torch.randn(batch, 3, side, side, generator=generator).to(device)
+        return (images,), {}, torch.randint(0, 10, (batch,), generator=generator).to(device)
+
+    return make_batch
+
+
+def _same_function(models: dict, workload: Workload, device: str) -> str:
+    """How far apart the hand-written and the converted (float32 streams) outputs are: a check
+    that the comparison is between two implementations of one function."""
+    (images,), _, _ = workload.make_batch(2, device)
+    with torch.no_grad():
+        a = models["hand-written Rev-ViT"][0](images)
+        b = models["converted, float32 streams"][0](images)
+    return f"hand-written vs converted (float32 streams) logits: max |difference| {float((a - b).abs().max()):.1e}"
+
+
 def largest_batch(fits, limit: int) -> int:
     """Doubling, then bisection to 1/16 of the answer."""
     low, batch = 0, 1
@@ -236,28 +303,34 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--memory-cap-gib", type=float, help="memory cap for the largest batch (default: 16 on cuda, 0.25 on cpu)")
     parser.add_argument("--batch-limit", type=int, default=4096)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "depth", "max-batch"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "depth", "max-batch", "handwritten"])
+    parser.add_argument("--qkv", choices=["unbind", "unpack"], default="unbind",
+                        help="handwritten part: the attention calls unbind, or unpacks q, k, v = qkv")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="time steps by the wall clock or by this process's CPU time (CPU only)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="", help="suffix for the output files, to run the parts separately")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     size = args.size or ("full" if cuda else "small")
-    bench = Bench(args.device, args.warmup, args.steps or (20 if cuda else 5))
+    bench = Bench(args.device, args.warmup, args.steps or (20 if cuda else 5), "wall" if cuda else args.clock)
     cap = int((args.memory_cap_gib or (16.0 if cuda else 0.25)) * 2**30)
     machine = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     meta = {"date": date.today().isoformat(), "device": args.device, "machine": machine, "torch": torch.__version__,
-            "size": size, "steps": bench.steps, "warmup": bench.warmup}
+            "size": size, "steps": bench.steps, "warmup": bench.warmup, "clock": bench.clock}
     notes: list[str] = []
     if not cuda:
         notes.append("CPU: one execution stream, so 'parallel' runs the same steps in program order as 'reversible' "
                      "(its extra memory is real, its overlap is not); 'auto' picks 'reversible' and is not run.")
-    results = {"meta": meta, "notes": notes, "throughput": [], "depth": [], "max_batch": []}
+    results = {"meta": meta, "notes": notes, "throughput": [], "depth": [], "max_batch": [], "handwritten": []}
     if "throughput" not in args.skip:
         results["throughput"] = throughput_rows(bench, size, args.models, notes)
     if "depth" not in args.skip:
         results["depth"] = depth_rows(bench, size)
     if "max-batch" not in args.skip:
         results["max_batch"] = max_batch_rows(bench, size, cap, args.batch_limit)
+    if "handwritten" not in args.skip:
+        results["handwritten"] = handwritten_rows(bench, notes, args.qkv)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "_".join(filter(None, ["train_step", args.device, args.tag]))
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -28,7 +28,8 @@ Two couplings are defined:
 
 The streams' representation is ``StreamArithmetic``'s business: ``"exact"`` keeps them as
 float64 multiples of ``2**-36`` (every branch output is rounded onto that grid before it is
-added, so additions and subtractions are exact), ``"float32"``/``"model"`` as ordinary
+added, so additions and subtractions are exact; for float32/float16/bfloat16 branch outputs by
+two float64 additions, see ``_SHIFT``), ``"float32"``/``"model"`` as ordinary
 floating point. Rounding is part of the architecture: its gradient is the identity (and a
 floor shift's is ``beta``), so the stored-activation reference differentiates the same
 function the reversible backward does.
@@ -74,14 +75,31 @@ GRID_BITS = 36
 _GRID = 2.0**GRID_BITS
 
 
+# Adding 1.5 * 2**(52 - GRID_BITS) lands |v| < 2**15 in [2**16, 2**17), where float64's spacing
+# is the grid's: the addition rounds v onto the grid (ties to even, as round() does) and the
+# subtraction is exact (Sterbenz). A value of at most 24 significant bits (float32, float16,
+# bfloat16) with |v| >= 2**15 is already on the grid and passes through both exactly. So for
+# those dtypes, two additions give round(v * 2**36) / 2**36 bit for bit (but for the sign of
+# a zero), in two float64 passes instead of three.
+_SHIFT = 1.5 * 2.0 ** (52 - GRID_BITS)
+_NARROW = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _rounded_to_grid(value: torch.Tensor) -> torch.Tensor:
+    """A new float64 tensor: ``value`` rounded onto the grid."""
+    grid = value.to(torch.float64, copy=True)  # one float64 temporary, rounded in place
+    if value.dtype in _NARROW:
+        return grid.add_(_SHIFT).sub_(_SHIFT)
+    return grid.mul_(_GRID).round_().div_(_GRID)
+
+
 class _ToGrid(torch.autograd.Function):
     """Round onto the fixed-point grid in float64; the gradient passes straight through."""
 
     @staticmethod
     def forward(ctx, value: torch.Tensor) -> torch.Tensor:
         ctx.dtype = value.dtype
-        grid = value.to(torch.float64, copy=True)  # one float64 temporary, rounded in place
-        return grid.mul_(_GRID).round_().div_(_GRID)
+        return _rounded_to_grid(value)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -137,6 +155,21 @@ class StreamArithmetic:
         if self.exact:
             return _ToGrid.apply(branch_output)
         return branch_output if self.stream_dtype is None else branch_output.to(self.stream_dtype)
+
+    def add_branch(self, stream: torch.Tensor, branch_output: torch.Tensor) -> torch.Tensor:
+        """``stream + on_stream(branch_output)``; exact streams add into the rounded copy when
+        no graph is recorded (the reversible forward and recompute), saving a buffer."""
+        value = self.on_stream(branch_output)
+        if self.exact and not (value.requires_grad or stream.requires_grad):
+            return value.add_(stream)
+        return stream + value
+
+    def subtract_branch(self, stream: torch.Tensor, branch_output: torch.Tensor) -> torch.Tensor:
+        """``stream - on_stream(branch_output)``, the inverse of ``add_branch``."""
+        value = self.on_stream(branch_output)
+        if self.exact and not (value.requires_grad or stream.requires_grad):
+            return torch.sub(stream, value, out=value)
+        return stream - value
 
     def floor_shift(self, stream: torch.Tensor, k: int) -> torch.Tensor:
         """``2**-k * stream`` rounded down onto the grid (exact streams only)."""
@@ -282,10 +315,10 @@ class RevViT(Coupling):
         return f"Rev-ViT coupling, fusion {self.fusion}"
 
     def step(self, arith, prev, cur, h, keep_residue=True):
-        return prev + arith.on_stream(h), None
+        return arith.add_branch(prev, h), None
 
     def invert(self, arith, cur, nxt, h, residue):
-        return nxt - arith.on_stream(h)
+        return arith.subtract_branch(nxt, h)
 
     def leave(self, arith, prev, cur):
         fused = prev + cur

@@ -30,12 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import copy
+import operator
 
 import torch
 import torch.fx as fx
 
 from revcompile.passes.graph_view import shape_key
 from revcompile.passes.patterns import (
+    ELEMENT_SPELLINGS,
     FRESH_RESULT,
     GUARD,
     INPLACE_ADD,
@@ -59,12 +61,13 @@ class NormalizeResult:
     dead_metadata_removed: int
     parallel_sums_reassociated: int = 0
     inplace_adds_made_out_of_place: int = 0
+    element_sets_unbound: int = 0
 
     @property
     def modified(self) -> bool:
         return bool(
             self.guards_removed or self.shape_queries_redirected or self.dead_metadata_removed
-            or self.parallel_sums_reassociated or self.inplace_adds_made_out_of_place
+            or self.parallel_sums_reassociated or self.inplace_adds_made_out_of_place or self.element_sets_unbound
         )
 
 
@@ -243,9 +246,10 @@ def normalize_graph(gm: fx.GraphModule) -> NormalizeResult:
     dead = _remove_dead_metadata(graph)
     out_of_place = _out_of_place_adds(graph, gm)
     reassociated = _reassociate_parallel_sums(graph)
+    unbound = _unbind_element_sets(graph, gm)
     graph.lint()
     gm.recompile()
-    return NormalizeResult(gm, len(guards), redirected, dead, reassociated, out_of_place)
+    return NormalizeResult(gm, len(guards), redirected, dead, reassociated, out_of_place, unbound)
 
 
 def _remove_dead_metadata(graph: fx.Graph) -> int:
@@ -265,3 +269,72 @@ def _remove_dead_metadata(graph: fx.Graph) -> int:
             graph.erase_node(node)
             dead += 1
     return dead
+
+
+def _element_of(node: fx.Node):
+    """``(source, dim, index, unbind spelling)`` if ``node`` takes one element of a tensor, else None."""
+    for pattern, (places, unbind) in ELEMENT_SPELLINGS.items():
+        if not pattern.matches(node) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        dim, index = (_argument_at(node, *place) for place in places)
+        source = node.args[0].meta.get("val")
+        if not (isinstance(source, torch.Tensor) and isinstance(dim, int) and isinstance(index, int)):
+            return None
+        if isinstance(index, bool) or not -source.dim() <= dim < source.dim():
+            return None
+        size = source.shape[dim]
+        if not isinstance(size, int) or not -size <= index < size:
+            return None
+        return node.args[0], dim % source.dim(), index % size, unbind
+    return None
+
+
+def _argument_at(node: fx.Node, position, keyword, default):
+    if keyword is not None and keyword in node.kwargs:
+        return node.kwargs[keyword]
+    if position is not None and position < len(node.args):
+        return node.args[position]
+    return default
+
+
+def _written_through(node: fx.Node, root) -> bool:
+    """Whether an in-place op writes into ``node`` or into a view of it."""
+    pending, seen = [node], set()
+    while pending:
+        for user in pending.pop().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_inplace(user, root):
+                return True
+            if VIEW.matches(user, root):
+                pending.append(user)
+    return False
+
+
+def _unbind_element_sets(graph: fx.Graph, root) -> int:
+    """Every element of ``x`` along ``dim`` taken by index/select ops -> one ``unbind(x, dim)``."""
+    sets: dict[tuple, dict[int, list[fx.Node]]] = {}
+    for node in graph.nodes:
+        found = _element_of(node)
+        if found is not None:
+            source, dim, index, unbind = found
+            sets.setdefault((source, dim, unbind), {}).setdefault(index, []).append(node)
+    count = 0
+    for (source, dim, (op, target)), elements in sets.items():
+        taken = [n for nodes in elements.values() for n in nodes]
+        if sorted(elements) != list(range(source.meta["val"].shape[dim])):
+            continue  # not every element: eager code would not have unbound it either
+        if any(_written_through(n, root) for n in [source, *taken]):
+            continue
+        with graph.inserting_before(min(taken, key=_position(graph))):
+            unbound = graph.create_node(op, target, (source, dim))
+            unbound.meta["val"] = tuple(elements[i][0].meta.get("val") for i in sorted(elements))
+            replacements = {index: graph.call_function(operator.getitem, (unbound, index)) for index in sorted(elements)}
+        for index, nodes in elements.items():
+            replacements[index].meta = dict(nodes[0].meta)
+            for node in nodes:
+                node.replace_all_uses_with(replacements[index])
+                graph.erase_node(node)
+        count += 1
+    return count

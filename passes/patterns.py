@@ -39,6 +39,7 @@ __all__ = [
     "MAY_RETURN_INPUT",
     "INPLACE_ADD",
     "OUT_OF_PLACE",
+    "ELEMENT_SPELLINGS",
     "is_inplace",
     "written_arguments",
     "is_layout_reshape",
@@ -246,6 +247,18 @@ VIEW = OpPattern(
         }
     ),
 )
+
+# "Element i of x along dim": spelling -> (where the dim and index are: (position, keyword,
+# default) each; how the same graph dialect spells unbind). ``q, k, v = qkv`` unpacks a
+# tensor in fx as one getitem per element where eager code runs one unbind; selects of every
+# element are the same. Normalisation turns a full set of them into one unbind.
+ELEMENT_SPELLINGS = {
+    OpPattern("getitem", functions=frozenset({operator.getitem})): (((None, None, 0), (1, "index", None)), ("call_method", "unbind")),
+    OpPattern("select", functions=frozenset({torch.select}), methods=frozenset({"select"})):
+        (((1, "dim", None), (2, "index", None)), ("call_method", "unbind")),
+    OpPattern("aten_select", functions=_overloads(aten.select)): (((1, "dim", None), (2, "index", None)),
+                                                                  ("call_function", aten.unbind.int)),
+}
 
 # Modules that update state (running statistics) every training forward: recomputing
 # their branch would update it a second time.

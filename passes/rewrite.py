@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from revcompile.passes.graph_view import shape_key
 from revcompile.passes.plan import Branch, Plan, Segment
+from revcompile.passes.randomness import branch_draws_random
 
 __all__ = ["SegmentCall", "BranchProgram", "BlockProgram", "SegmentProgram", "RewriteResult", "rewrite_reversible"]
 
@@ -57,6 +58,7 @@ class BranchProgram:
     side_inputs: tuple[int, ...]  # positions in the segment's side inputs
     parameters: tuple[str, ...]
     modules: tuple[str, ...]
+    draws_random: bool = True  # whether its recompute must replay generator state (passes.randomness)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,8 @@ class RewriteResult:
         return bool(self.segments)
 
 
-def _extract_branch(nodes: dict[str, fx.Node], branch: Branch, side_inputs: tuple[str, ...], name: str, layout) -> BranchProgram:
+def _extract_branch(nodes: dict[str, fx.Node], branch: Branch, side_inputs: tuple[str, ...], name: str, layout,
+                    root: fx.GraphModule) -> BranchProgram:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     entry = nodes[branch.entry]
@@ -125,16 +128,17 @@ def _extract_branch(nodes: dict[str, fx.Node], branch: Branch, side_inputs: tupl
         side_inputs=tuple(side_inputs.index(s) for s in branch.side_inputs),
         parameters=branch.parameters,
         modules=branch.modules,
+        draws_random=branch_draws_random(graph, root),
     )
 
 
-def _segment_program(nodes: dict[str, fx.Node], segment: Segment) -> SegmentProgram:
+def _segment_program(nodes: dict[str, fx.Node], segment: Segment, root: fx.GraphModule) -> SegmentProgram:
     layout = shape_key(nodes[segment.input])
     blocks = tuple(
         BlockProgram(
             name=block.name,
-            f=_extract_branch(nodes, block.f, segment.side_inputs, f"{block.name}:F", layout),
-            g=_extract_branch(nodes, block.g, segment.side_inputs, f"{block.name}:G", layout),
+            f=_extract_branch(nodes, block.f, segment.side_inputs, f"{block.name}:F", layout, root),
+            g=_extract_branch(nodes, block.g, segment.side_inputs, f"{block.name}:G", layout, root),
         )
         for block in segment.blocks
     )
@@ -153,7 +157,7 @@ def rewrite_reversible(gm: fx.GraphModule, plan: Plan) -> RewriteResult:
     order = {n: i for i, n in enumerate(graph.nodes)}
     # Extract every program before touching the graph: a segment's input may be the
     # output of the segment before it, which the rewrite replaces.
-    programs = [_segment_program(nodes, segment) for segment in plan.segments]
+    programs = [_segment_program(nodes, segment, gm) for segment in plan.segments]
     replaced: dict[fx.Node, fx.Node] = {}
     for segment in plan.segments:
         output = nodes[segment.output]

@@ -209,3 +209,111 @@ def test_parallel_block_summed_in_place_converts_with_exact_gradients(tracer, bl
     plan = revcompile.explain(converted)
     assert [b.form for b in plan.blocks] == ["parallel", "parallel"] and len(plan.segments) == 1, str(plan)
     assert_gradients_match(converted, (x,), tol=1e-10)
+
+
+class UnpackingAttention(torch.nn.Module):
+    """Attention written ``q, k, v = qkv.reshape(...).permute(...)`` (eager: one unbind;
+    fx: one getitem per element) or, with ``indexed``, ``qkv[0], qkv[1], qkv[2]``."""
+
+    def __init__(self, attention, indexed: bool = False):
+        super().__init__()
+        self.qkv, self.proj, self.attn_drop, self.proj_drop = attention.qkv, attention.proj, attention.attn_drop, attention.proj_drop
+        self.heads, self.scale, self.indexed = attention.heads, attention.scale, indexed
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (qkv[0], qkv[1], qkv[2]) if self.indexed else qkv
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(batch, tokens, dim)))
+
+
+def _unpacking_vit(indexed: bool = False, **options):
+    from revcompile.reference import reference_vit
+
+    model = reference_vit(dim=32, depth=3, heads=2, img_size=16, patch_size=4, **options)
+    for block in model.blocks:
+        block.attn = UnpackingAttention(block.attn, indexed)
+    return model
+
+
+def _element_ops(graph: fx.Graph) -> list[fx.Node]:
+    """Index/select ops taking one element of a tensor (not of a tuple)."""
+    return [n for n in graph.nodes if n.target in (operator.getitem, torch.select, torch.ops.aten.select.int, "select")
+            and n.args and isinstance(n.args[0].meta.get("val"), torch.Tensor) and isinstance(n.args[-1], int)]
+
+
+def _unbinds(graph: fx.Graph) -> int:
+    return sum(n.target in ("unbind", torch.ops.aten.unbind.int) for n in graph.nodes)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_every_element_taken_by_index_becomes_one_unbind_with_identical_values_and_gradients(indexed):
+    torch.manual_seed(0)
+    model = _unpacking_vit(indexed).double().eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    traced = _traced(model, x)
+    assert len(_element_ops(traced.graph)) == 9 and _unbinds(traced.graph) == 0  # the case being fixed
+    result = normalize_graph(traced)
+    assert result.element_sets_unbound == 3
+    assert _element_ops(result.graph_module.graph) == [] and _unbinds(result.graph_module.graph) == 3
+
+    def values_and_gradients(module):
+        images = x.clone().requires_grad_(True)
+        out = module(images)
+        grads = torch.autograd.grad(out.square().sum(), [images, *model.parameters()])
+        return out, grads
+
+    out, grads = values_and_gradients(result.graph_module)
+    ref_out, ref_grads = values_and_gradients(traced)
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+def test_elements_written_in_place_or_taken_in_part_are_left_as_index_ops():
+    class Partial(torch.nn.Module):
+        def forward(self, x):
+            return x[0] * x[1]  # element 2 is never taken: eager code would not unbind either
+
+    class Written(torch.nn.Module):
+        def forward(self, x):
+            a, b = x * 1
+            a.mul_(2)  # unbind's views refuse in-place writes
+            return a + b
+
+    for model, x in ((Partial(), torch.randn(3, 4)), (Written(), torch.randn(2, 4))):
+        result = normalize_graph(_traced(model, x))
+        assert result.element_sets_unbound == 0, type(model).__name__
+        torch.testing.assert_close(result.graph_module(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source", ["reference", "timm", "unpacking"])
+def test_qkv_of_every_attention_branch_is_one_unbind_after_conversion(source):
+    import revcompile
+
+    if source == "timm":
+        timm = pytest.importorskip("timm")
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, depth=3)
+    elif source == "reference":
+        from revcompile.reference import reference_vit
+
+        model = reference_vit(dim=32, depth=3, heads=2, img_size=16, patch_size=4)
+    else:
+        model = _unpacking_vit()
+    converted = revcompile.convert(model, torch.randn(2, 3, 16, 16))
+    segments = [s for v in converted.reversible_variants for s in v.segments]
+    attention = [f.module.graph for s in segments for f, _ in s.blocks]
+    assert len(attention) == 3
+    assert all(_unbinds(g) == 1 and _element_ops(g) == [] for g in attention)
+
+
+def test_unpacked_qkv_converts_with_exact_gradients_dropout_on():
+    import revcompile
+    from tests.conftest import assert_gradients_match, perturb_parameters
+
+    torch.manual_seed(0)
+    model = perturb_parameters(_unpacking_vit().double())
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    converted = revcompile.convert(model, x)
+    assert len(revcompile.explain(converted).blocks) == 3
+    assert_gradients_match(converted, (x,), tol=1e-10)

@@ -7,7 +7,9 @@ streams; here the CPU and CUDA generator states are captured before each branch 
 forward and restored around its recompute, and the caller's states are put back
 afterwards. Generator state is host-side (the CUDA generator's seed and offset are read at
 kernel launch), so restoring it around launches on different streams from one host thread
-is exact. The forward's autocast state (CPU and CUDA) is re-entered the same way.
+is exact. A branch that draws nothing (``revcompile.passes.randomness``, decided from its graph
+at conversion) saves and restores nothing. The forward's autocast state (CPU and CUDA) is
+re-entered the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ def _restore_rng(state, devices: tuple[int, ...]) -> None:
 
 @contextmanager
 def replayed_rng(state, devices: tuple[int, ...]):
-    """Run a branch with the generators as they were in the forward, then put them back."""
+    """Run a branch with the generators as they were in the forward, then put them back
+    (``state`` None: the branch draws nothing, so nothing was saved and nothing is replayed)."""
+    if state is None:
+        yield
+        return
     current = capture_rng(devices)
     _restore_rng(state, devices)
     try:

@@ -129,7 +129,7 @@ class _SegmentEntry(torch.autograd.Function):
         def before_step(j, prev, cur):
             if stored is not None and j % 2 == 0:
                 stored.append((prev, cur))
-            rng_log.append(capture_rng(devices))
+            rng_log.append(capture_rng(devices) if segment.draws_random[j] else None)
 
         prev, cur, residues = coupling.run(arith, x, segment.branches(side), before_step=before_step)
         kept = residues if coupling.saves_per_step else []  # e.g. the dual coupling's packed remainder bits
