@@ -125,12 +125,15 @@ def rewrite_checkpointed(gm: fx.GraphModule, runs: tuple[tuple[Block, ...], ...]
             raise ValueError(f"cannot checkpoint {blocks[0].name} .. {blocks[-1].name}: {problem}")
         entry = nodes[renamed.get(blocks[0].input, blocks[0].input)]
         programs.append(_extract(nodes, index, blocks, entry))
+    replaced: dict[fx.Node, fx.Node] = {}  # a run's output -> its call, which a later run may read
     for program, blocks in zip(programs, runs):
         output = nodes[blocks[-1].output]
+        inputs = tuple(replaced.get(nodes[n], nodes[n]) for n in program.inputs)
         with graph.inserting_before(output):
-            call = graph.call_function(CheckpointCall(program.index), tuple(nodes[n] for n in program.inputs))
+            call = graph.call_function(CheckpointCall(program.index), inputs)
         call.meta = {k: v for k, v in output.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")}
         output.replace_all_uses_with(call)
+        replaced[output] = call
         for node in sorted(_region_nodes(nodes, blocks), key=order.__getitem__, reverse=True):
             graph.erase_node(node)
     for node in list(graph.nodes):
