@@ -54,7 +54,7 @@ class MemoryPlan:
     block_modes: BlockModes
     predicted_peak: int  # the planned step, simulated
     original_peak: int  # the original step, simulated
-    smallest_peak: int | None  # every block reversible, simulated (None when the original fits)
+    reversible_peak: int | None  # every block reversible, simulated (None when the original fits)
     extra_flops: float  # recomputed forwards per step
     step_flops: float  # the blocks' share of a step: forward + backward, ~3x their forward FLOPs
     planning_seconds: float
@@ -132,21 +132,15 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
     tracer = reversible.reversible_plan.tracer
     original_peak = simulate_step_peak(model, args, kwargs).peak_bytes
     everything = lambda mode: ((name.name, mode) for name in chain)  # noqa: E731
-    done = lambda modes, blocks, peak, smallest, flops: MemoryPlan(  # noqa: E731
-        budget, tracer, tuple(blocks), modes, peak, original_peak, smallest, flops, step_flops, time.perf_counter() - started)
+    done = lambda modes, blocks, peak, all_reversible, flops: MemoryPlan(  # noqa: E731
+        budget, tracer, tuple(blocks), modes, peak, original_peak, all_reversible, flops, step_flops, time.perf_counter() - started)
     if original_peak <= budget:
         return done(BlockModes(stored=tuple(b.name for b in chain)), everything("stored"), original_peak, None, 0.0)
-    smallest = simulate_step_peak(reversible, args, kwargs).peak_bytes
-    if smallest > budget:
-        raise ReportError(
-            f"no plan fits {format_bytes(budget)}: the smallest step, every block reversible, peaks at "
-            f"{format_bytes(smallest)} above parameters and gradients (the original at {format_bytes(original_peak)}). "
-            f"Give a budget of at least {format_bytes(smallest)}, or a smaller batch."
-        )
-    # What the chain model leaves out, from the two uniform plans simulated above: the rest
-    # of the step (as in the original) and a reversible backward's own working memory.
+    all_reversible = simulate_step_peak(reversible, args, kwargs).peak_bytes
+    # What the chain model leaves out, from the two uniform plans simulated: the rest of the
+    # step (as in the original) and a reversible backward's own working memory.
     outside = original_peak - _uniform(chain, "stored").peak
-    working = max(0, smallest - outside - _uniform(chain, "reversible").peak)
+    working = max(0, all_reversible - outside - _uniform(chain, "reversible").peak)
     for _ in range(_ATTEMPTS):
         chosen = plan_chain(chain, budget - outside, working)
         if chosen is None:
@@ -154,11 +148,17 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
         modes = _modes_of(chain, chosen)
         peak = simulate_step_peak(build(modes), args, kwargs).peak_bytes
         if peak <= budget:
-            blocks = zip((b.name for b in chain), chosen.modes())
-            return done(modes, blocks, peak, smallest, chosen.extra_flops)
+            return done(modes, zip((b.name for b in chain), chosen.modes()), peak, all_reversible, chosen.extra_flops)
         outside += peak - budget + max(1, budget // 1000)
-    fallback = _uniform(chain, "reversible")
-    return done(BlockModes(), everything("reversible"), smallest, smallest, fallback.extra_flops)
+    if all_reversible <= budget:  # the model's estimate failed to converge: every block reversible fits
+        return done(BlockModes(), everything("reversible"), all_reversible, all_reversible, _uniform(chain, "reversible").extra_flops)
+    checkpointed = BlockModes(checkpointed=tuple((b.name,) for b in chain if b.checkpointable))
+    least = min(all_reversible, simulate_step_peak(build(checkpointed), args, kwargs).peak_bytes)
+    raise ReportError(
+        f"no plan fits {format_bytes(budget)}: the smallest step found (every block reversible, or every block "
+        f"checkpointed) peaks at {format_bytes(least)} above parameters and gradients (the original at "
+        f"{format_bytes(original_peak)}). Give a budget of at least {format_bytes(least)}, or a smaller batch."
+    )
 
 
 def _chain_costs(converted: ReversibleModel, args: tuple, kwargs: dict, coupling: Coupling, streams: str):

@@ -142,21 +142,19 @@ def test_a_budget_nothing_fits_names_the_smallest():
         revcompile.plan_memory(model, args, "lots")
 
 
-@pytest.mark.slow  # ~1 min on a loaded 2-core CPU: three plans, each simulated, then measured
+@pytest.mark.slow  # ~1 min on a loaded 2-core CPU: two plans, each simulated, then measured
 def test_between_the_extremes_the_measured_step_stays_within_the_budget():
     torch.manual_seed(0)
-    model = reference_vit(depth=8, dim=64, heads=2, num_classes=4)
-    args = example_inputs(model, batch_size=16)
-    smallest = revcompile.plan_memory(model, args, "4GiB")
-    original = smallest.original_peak
+    model = reference_vit(depth=6, dim=48, heads=2, num_classes=4)
+    args = example_inputs(model, batch_size=8)
+    original = revcompile.plan_memory(model, args, "4GiB").original_peak
     seen = set()
-    for fraction in (0.3, 0.55, 0.8):
+    for fraction in (0.45, 0.75):
         budget = int(original * fraction)
         try:
             converted = revcompile.convert(model, args, memory_budget=budget)
         except ReportError:
-            assert fraction == 0.3, "only the tightest budget may be infeasible"
-            continue
+            pytest.fail(f"a budget of {fraction:.0%} of the original's peak should be feasible")
         plan = revcompile.memory_plan(converted)
         measured = tensor_peak(converted, args)
         assert measured <= budget, f"{plan}\nmeasured {measured} > budget {budget}"
