@@ -62,6 +62,22 @@ def _measure(models: dict[str, torch.nn.Module], args, rounds: int) -> dict[str,
     return {name: {"peak_bytes": peaks[name], "seconds": statistics.median(times[name])} for name in models}
 
 
+def _hierarchical(rounds: int) -> dict:
+    """A small timm Swin (stage transitions stay stored): a plan for 95% of the all-reversible peak."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=48, depths=(2, 2, 4, 2),
+                              num_heads=(2, 2, 4, 8), img_size=112, num_classes=10)
+    args = (torch.randn(8, 3, 112, 112),)
+    reversible = revcompile.convert(model, args, check_conversion=False)
+    budget = int(0.95 * tensor_peak(reversible, args))
+    planned = revcompile.convert(model, args, memory_budget=budget, check_conversion=False)
+    measured = _measure({"all reversible": reversible, "plan": planned}, args, rounds)
+    return {"model": "timm Swin (embed 48, depths 2-2-4-2, 112x112, batch 8)", "budget": budget,
+            "plan": revcompile.memory_plan(planned).summary(), **{f"{k} {m}": v for k, d in measured.items() for m, v in d.items()}}
+
+
 def _dp_seconds(model, args, depth48_budget_fraction: float = 0.3) -> dict:
     """How long the chain DP alone takes on a 48-block chain (the cost measurement excluded)."""
     deep = reference_vit(depth=48, dim=192, heads=3, num_classes=10)
@@ -78,7 +94,7 @@ def _dp_seconds(model, args, depth48_budget_fraction: float = 0.3) -> dict:
     return {"blocks": len(chain), "cost_measurement_seconds": measured, "dp_seconds_max": max(timings)}
 
 
-def _markdown(meta: dict, rows: list[dict], uniform: dict, dp: dict) -> str:
+def _markdown(meta: dict, rows: list[dict], uniform: dict, dp: dict, h: dict) -> str:
     lines = [
         f"Measured {meta['date']} on {meta['machine']} CPU, {meta['threads']} thread(s), torch {meta['torch']}; "
         f"ViT depth {meta['depth']}, width 192, batch {meta['batch']}, float32; CPU seconds per step, median of {meta['rounds']} rounds.",
@@ -97,6 +113,10 @@ def _markdown(meta: dict, rows: list[dict], uniform: dict, dp: dict) -> str:
     lines += [f"| {name} | {u['peak_bytes'] / MiB:.1f} MiB | {u['seconds']:.3f} s |" for name, u in uniform.items()]
     lines += ["", f"Chain DP alone on {dp['blocks']} blocks: at most {dp['dp_seconds_max']:.2f} s per budget; "
               f"measuring the blocks' costs on fake tensors: {dp['cost_measurement_seconds']:.1f} s."]
+    lines += ["", f"{h['model']}, budget {h['budget'] / MiB:.1f} MiB (95% of all-reversible): {h['plan']}.", "",
+              "| | measured peak | step |", "|---|---|---|",
+              f"| all reversible | {h['all reversible peak_bytes'] / MiB:.1f} MiB | {h['all reversible seconds']:.3f} s |",
+              f"| plan | {h['plan peak_bytes'] / MiB:.1f} MiB | {h['plan seconds']:.3f} s |"]
     return "\n".join(lines) + "\n"
 
 
@@ -133,10 +153,12 @@ def main() -> None:
                      "planning_seconds": plan.planning_seconds, "best_uniform": best,
                      "best_uniform_seconds": fitting[best]["seconds"] if best else None})
     dp = _dp_seconds(model, example_inputs(model, batch_size=2))
+    hierarchical = _hierarchical(options.rounds)
     meta = run_meta(depth=options.depth, batch=options.batch, rounds=options.rounds)
-    data = {"meta": meta, "rows": rows, "uniform": [{"strategy": n, **u} for n, u in uniform.items()], "dp": dp}
+    data = {"meta": meta, "rows": rows, "uniform": [{"strategy": n, **u} for n, u in uniform.items()], "dp": dp,
+            "hierarchical": hierarchical}
     out = Path(options.out)
-    write_results(data, out / "planner.json", out / "planner.md", _markdown(meta, rows, uniform, dp))
+    write_results(data, out / "planner.json", out / "planner.md", _markdown(meta, rows, uniform, dp, hierarchical))
 
 
 if __name__ == "__main__":

@@ -154,10 +154,14 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
         return done(BlockModes(), everything("reversible"), all_reversible, all_reversible, _uniform(chain, "reversible").extra_flops)
     checkpointed = BlockModes(checkpointed=tuple((b.name,) for b in chain if b.checkpointable))
     least = min(all_reversible, simulate_step_peak(build(checkpointed), args, kwargs).peak_bytes)
-    raise ReportError(
+    raise _nothing_fits(budget, least, original_peak)
+
+
+def _nothing_fits(budget: int, least: int, original: int) -> ReportError:
+    return ReportError(
         f"no plan fits {format_bytes(budget)}: the smallest step found (every block reversible, or every block "
         f"checkpointed) peaks at {format_bytes(least)} above parameters and gradients (the original at "
-        f"{format_bytes(original_peak)}). Give a budget of at least {format_bytes(least)}, or a smaller batch."
+        f"{format_bytes(original)}). Give a budget of at least {format_bytes(least)}, or a smaller batch."
     )
 
 
