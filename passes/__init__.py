@@ -11,6 +11,12 @@ The pipeline, in the order ``revcompile.pipeline`` runs it:
     schedule    each segment's backward as a program of steps, streams and waits
     memory      saved-for-backward and working bytes predicted on fake tensors
 
+With a memory budget (``convert(..., memory_budget=)``, ``revcompile.planner``):
+
+    block_costs what each block costs stored, checkpointed or reversible (fake tensors, FLOPs)
+    recompute   the chain DP: per block stored / checkpointed / reversible under a byte budget
+    checkpoint  runs of blocks kept as they are, recomputed in backward -> one call each
+
 ``graph_view`` and ``patterns`` are what the structural passes share: a networkx view of
 the graph and the op patterns declared as data. Passes never import the runtime or CLI.
 """

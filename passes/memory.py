@@ -37,6 +37,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from revcompile.passes.checkpoint import CheckpointCall, RegionProgram
 from revcompile.passes.couplings import Coupling, RevViT, StreamArithmetic
 from revcompile.passes.graph_view import module_path
 from revcompile.passes.plan import Plan
@@ -144,10 +145,11 @@ class _ReversibleStandIn(torch.autograd.Function):
 class _SavedTensorInterpreter(fx.Interpreter):
     """Runs a graph, attributing each saved tensor to the node being run; segments run as stand-ins."""
 
-    def __init__(self, gm: fx.GraphModule, ledger: _SavedLedger, segments: dict):
+    def __init__(self, gm: fx.GraphModule, ledger: _SavedLedger, segments: dict, regions: dict | None = None):
         super().__init__(gm)
         self.ledger = ledger
         self.segments = segments
+        self.regions = regions or {}
 
     def run_node(self, node: fx.Node):
         self.ledger.current = node.name
@@ -158,6 +160,8 @@ class _SavedTensorInterpreter(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if isinstance(target, SegmentCall):
             return self.segments[target.index](*args)
+        if isinstance(target, CheckpointCall):
+            return self.regions[target.index](*args)
         return super().call_function(target, args, kwargs)
 
 
@@ -175,6 +179,17 @@ def _segment_stand_in(program: SegmentProgram, root: nn.Module, coupling: Coupli
     return lambda x, *side: _ReversibleStandIn.apply(run_blocks, x, *side)
 
 
+def _region_stand_in(program: RegionProgram, root: nn.Module):
+    """A checkpointed region keeps its inputs only (``torch.utils.checkpoint``)."""
+    gm = fx.GraphModule(root, program.graph)
+
+    def run_blocks(x: torch.Tensor, side: tuple):
+        with torch.no_grad():
+            return gm(x, *side), []
+
+    return lambda x, *side: _ReversibleStandIn.apply(run_blocks, x, *side)
+
+
 @dataclass(frozen=True)
 class _Run:
     """One interpretation at one batch size."""
@@ -183,7 +198,8 @@ class _Run:
     converted: dict[str, int]
 
 
-def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, inputs: Sequence, coupling: Coupling, streams: str) -> _Run:
+def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, inputs: Sequence, coupling: Coupling,
+            streams: str, regions=()) -> _Run:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -194,11 +210,12 @@ def _run_at(root: nn.Module, original: fx.Graph, rewritten: fx.Graph, segments, 
     with torch.random.fork_rng(devices=devices), mode, _reparametrize_module(root, {**parameters, **buffers}):
         fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
         stand_ins = {p.index: _segment_stand_in(p, root, coupling, streams) for p in segments}
+        region_stand_ins = {p.index: _region_stand_in(p, root) for p in regions}
         ledgers = []
         for graph in (original, rewritten):
             ledger = _SavedLedger(parameter_storages)
             with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(ledger.pack, lambda t: t):
-                _SavedTensorInterpreter(fx.GraphModule(root, graph), ledger, stand_ins).run(*fake_inputs)
+                _SavedTensorInterpreter(fx.GraphModule(root, graph), ledger, stand_ins, region_stand_ins).run(*fake_inputs)
             ledgers.append(ledger)
     return _Run(
         original=ledgers[0].by_owner(),
@@ -286,6 +303,7 @@ def predict_activation_memory(
     batches: Sequence[int],
     coupling: Coupling = RevViT(),
     streams: str = "model",
+    regions: Sequence[RegionProgram] = (),
 ) -> MemoryPrediction:
     """Predict saved-for-backward bytes, per part, as lines in the batch size.
 
@@ -295,9 +313,12 @@ def predict_activation_memory(
     The graphs are interpreted at each of ``batches`` (two give the fit; a batch that fails
     to interpret, say because the trace specialised the batch size, is dropped).
     ``coupling`` and ``streams`` are the converted model's (``convert(..., coupling=,
-    streams=)``): they decide what a segment keeps. Raises ``PredictionFailed`` if no batch size can be interpreted.
+    streams=)``): they decide what a segment keeps. ``regions``: the checkpointed runs of blocks
+    a memory plan made (each keeps its inputs only). Raises ``PredictionFailed`` if no batch size can be interpreted.
     """
-    runs, notes = _interpret_at_batches(batches, lambda b: _run_at(root, original, rewritten, segments, inputs_for_batch(b), coupling, streams))
+    runs, notes = _interpret_at_batches(
+        batches, lambda b: _run_at(root, original, rewritten, segments, inputs_for_batch(b), coupling, streams, regions)
+    )
     assignment, part_list = _parts(original, plan)
     if any(owner not in assignment for _, run in runs for owner in (*run.original, *run.converted)):
         part_list.append(("untouched: other", "untouched"))  # saved by a node no part claims

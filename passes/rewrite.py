@@ -85,6 +85,7 @@ class SegmentProgram:
 class RewriteResult:
     graph_module: fx.GraphModule
     segments: tuple[SegmentProgram, ...]
+    renamed: tuple[tuple[str, str], ...] = ()  # (segment output, the node that now stands for it)
 
     @property
     def modified(self) -> bool:
@@ -182,4 +183,4 @@ def rewrite_reversible(gm: fx.GraphModule, plan: Plan) -> RewriteResult:
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
-    return RewriteResult(gm, tuple(programs))
+    return RewriteResult(gm, tuple(programs), tuple((old.name, new.name) for old, new in replaced.items()))

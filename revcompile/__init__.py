@@ -9,6 +9,7 @@
     revcompile.verify(converted, example_inputs)     # gradients equal that reference?
     revcompile.memory_report(model, example_inputs)  # memory saved: measured, predicted, largest batch
     revcompile.predict_memory(meta_model, example_inputs)  # the same, predicted only, nothing allocated
+    revcompile.convert(model, inputs, memory_budget="6GiB")  # per block stored/checkpointed/reversible
     revcompile.draw(converted, "model.svg")          # the rewritten graph as a picture
 
 See docs/design.md for the pipeline and docs/usage.md for a walk-through.
@@ -21,6 +22,7 @@ from revcompile.api import (
     convert,
     explain,
     find_converted,
+    memory_plan,
     reconstruction_report,
     set_backward,
     set_coefficients,
@@ -28,6 +30,7 @@ from revcompile.api import (
 )
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
+from revcompile.planner import MemoryPlan, plan_memory
 from revcompile.predict import FitPrediction, predict_memory
 from revcompile.report import MemoryReport, memory_report
 from revcompile.runtime import BACKWARD_MODES
@@ -43,6 +46,8 @@ __all__ = [
     "MemoryReport",
     "predict_memory",
     "FitPrediction",
+    "plan_memory",
+    "MemoryPlan",
     "draw",
     "ReversibleModel",
     "ConversionError",

@@ -16,6 +16,7 @@ from revcompile.distance import function_distance
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS, bind_call, training_defaults
 from revcompile.inputs import check_example_inputs
+from revcompile.planner import MemoryPlan, plan_memory
 from revcompile.sketch import SketchConfig
 from revcompile.runtime import BACKWARD_MODES, ReconstructionDrift
 
@@ -29,6 +30,7 @@ __all__ = [
     "reconstruction_report",
     "unconvert",
     "find_converted",
+    "memory_plan",
 ]
 
 
@@ -47,6 +49,7 @@ def convert(
     check_reconstruction: bool = False,
     check_conversion: bool = True,
     sketch_linears=None,
+    memory_budget=None,
 ) -> ReversibleModel:
     """Rewrite the residual attention/MLP chains of ``model`` into reversible segments.
 
@@ -84,6 +87,11 @@ def convert(
     the input; a ``revcompile.SketchConfig`` also chooses the layers (names, a predicate,
     ``"all"``; default: those outside reversible segments), the estimator and the seed.
     Input and bias gradients stay exact; see docs/sketch.md.
+    ``memory_budget``: bytes or a string with units (``"6GiB"``) for the training step's
+    activations and working memory above parameters and gradients: each block is then
+    stored, checkpointed or reversible, whichever fits with the least recompute
+    (``revcompile.plan_memory``; ``explain`` shows the plan). A budget the original step fits
+    keeps every block as it is; one nothing fits raises ``ReportError`` naming the smallest.
     Raises ``ConversionError`` when the model cannot run on the example inputs (naming the
     input and what the failing op expected), when tracing fails, when nothing is
     convertible, or when the check fails.
@@ -103,10 +111,15 @@ def convert(
         raise ConversionError(
             f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
         ) from None
+    memory_plan = None
+    if memory_budget is not None:
+        memory_plan = plan_memory(model, args, memory_budget, kwargs, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams)
+        tracer = memory_plan.tracer
     converted = ReversibleModel(
         model, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction,
-        sketch_linears=sketch_linears,
+        sketch_linears=sketch_linears, block_modes=memory_plan.block_modes if memory_plan else None,
     )
+    converted.__dict__["_rc_memory_plan"] = memory_plan
     converted.compile_for(args, kwargs)
     if check_conversion:
         check_converted_model(converted, args, kwargs)
@@ -152,10 +165,18 @@ def _coupling_notes(converted: ReversibleModel) -> tuple[str, ...]:
             f"each step keeps {coupling.k} remainder bits per stream element, packed "
             f"({coupling.residue_bytes(8) / 8:g} bytes per element and step)"
         )
+    memory_plan = converted.__dict__.get("_rc_memory_plan")
+    if memory_plan is not None:
+        notes.append(memory_plan.table())
     distance = converted.__dict__.get("_rc_distance")
     if distance is not None:
         notes.append(f"function distance at conversion (eval mode, example inputs): {distance}")
     return tuple(notes)
+
+
+def memory_plan(module: nn.Module) -> MemoryPlan | None:
+    """The memory plan ``convert(..., memory_budget=)`` applied (None without a budget)."""
+    return _the_converted(module).__dict__.get("_rc_memory_plan")
 
 
 def set_backward(module: nn.Module, mode: str) -> None:

@@ -1,6 +1,7 @@
 """The ``revcompile`` command line.
 
     revcompile report [MODEL] [--memory-cap 16GiB] [--json]   what conversion saves, measured and predicted
+    revcompile report [MODEL] --budget 4GiB                   per block stored/checkpointed/reversible to fit 4GiB
     revcompile report MODEL --predict-only [--dtype bfloat16] [--autocast bfloat16] --memory-cap 80GiB
                                                            the same predicted without allocating: will it fit?
     revcompile show [MODEL] [-o FILE.svg] [--before] [--expand]   what became reversible, as a picture
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     report.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     report.add_argument("--memory-cap", default=None, metavar="SIZE", help="find the largest batch under SIZE (e.g. 16GiB)")
+    report.add_argument("--budget", default=None, metavar="SIZE",
+                        help="plan per block stored / checkpointed / reversible so that the step's activations "
+                             "and working memory fit SIZE (e.g. 4GiB), with the least recompute")
     report.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATE), default="adamw", help="whose state to count (default adamw)")
     report.add_argument("--reserve", default="512MiB", metavar="SIZE",
                         help="memory that is not tensors: CUDA context, fragmentation (default 512MiB)")
@@ -153,6 +157,18 @@ def _print_measured(console: Console, report) -> None:
     console.print(table)
 
 
+def _print_memory_plan(console: Console, plan, report) -> None:
+    table = Table(title=f"Memory plan for a budget of {format_bytes(plan.budget)} (activations + working memory)")
+    for name, justify in (("blocks", "left"), ("mode", "left"), ("count", "right")):
+        table.add_column(name, justify=justify)
+    for line in plan.table().splitlines()[1:]:
+        where, mode, count = line.rsplit(None, 2)
+        table.add_row(where.strip(), mode, count.strip("()"))
+    console.print(table)
+    fits = "[green]within[/green]" if report.converted.peak_bytes <= plan.budget else "[red]OVER[/red]"
+    console.print(f"{plan.summary()}; measured peak {format_bytes(report.converted.peak_bytes)}, {fits} the budget.")
+
+
 def _print_prediction(console: Console, report) -> None:
     p = report.prediction
     if p is None:
@@ -206,7 +222,7 @@ def _headline(report) -> str:
 
 
 def _report(args, console: Console) -> int:
-    from revcompile.api import convert
+    from revcompile.api import convert, memory_plan
     from revcompile.report import memory_report
 
     if args.predict_only:
@@ -219,7 +235,10 @@ def _report(args, console: Console) -> int:
     if args.memory_cap is None and args.device == "cuda":  # what this device has
         args.memory_cap = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     with console.status("tracing and converting ...") as status:
-        converted = convert(model.train(), inputs, kwargs, sketch_linears=args.sketch_linears, **_conversion(args))
+        if args.budget is not None:
+            status.update(f"planning for a budget of {args.budget} (simulating candidate steps) ...")
+        converted = convert(model.train(), inputs, kwargs, sketch_linears=args.sketch_linears, memory_budget=args.budget,
+                            **_conversion(args))
         report = memory_report(model, inputs, kwargs, converted=converted, name=built.label, memory_cap=args.memory_cap,
                                optimizer=args.optimizer, reserve=args.reserve, progress=lambda text: status.update(f"{text} ..."))
     if args.json:
@@ -228,6 +247,8 @@ def _report(args, console: Console) -> int:
     out = Console()
     _print_plan(out, report)
     _print_measured(out, report)
+    if args.budget is not None:
+        _print_memory_plan(out, memory_plan(converted), report)
     if report.sketch is not None:
         out.print(report.sketch)
     _print_prediction(out, report)

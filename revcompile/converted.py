@@ -25,26 +25,30 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from revcompile.passes.checkpoint import CheckpointCall
 from revcompile.passes.rewrite import SegmentCall
 from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, bind_call, training_defaults
-from revcompile.pipeline import ORIGINAL_ATTRIBUTES, CompiledVariant, compile_variant
+from revcompile.pipeline import ORIGINAL_ATTRIBUTES, BlockModes, CompiledVariant, compile_variant
 from revcompile.passes.couplings import Coupling
 from revcompile.runtime import ReversibleSegment, RuntimeSettings, bind_graph
+from revcompile.runtime.checkpointed import CheckpointedRegion
 
 __all__ = ["ReversibleModel"]
 
 log = logging.getLogger("revcompile")
 
 
-def _graph_with_segments(graph: fx.Graph, segments: list[ReversibleSegment]) -> fx.Graph:
-    """A copy of ``graph`` whose segment markers call the bound segments."""
+def _graph_with_segments(graph: fx.Graph, segments: list[ReversibleSegment], regions: list[CheckpointedRegion]) -> fx.Graph:
+    """A copy of ``graph`` whose segment and checkpointed-region markers call the bound ones."""
     copy = fx.Graph()
     copy.output(copy.graph_copy(graph, {}))
     copy._codegen = graph._codegen
     for node in copy.nodes:
         if isinstance(node.target, SegmentCall):
             node.target = segments[node.target.index]
+        elif isinstance(node.target, CheckpointCall):
+            node.target = regions[node.target.index]
     copy.lint()
     return copy
 
@@ -76,7 +80,9 @@ class BoundVariant:
     def __init__(self, compiled: CompiledVariant, root: nn.Module, settings: RuntimeSettings):
         self.compiled = compiled
         self.segments = [ReversibleSegment(program, root, settings) for program in compiled.segments]
-        self.module = bind_graph(_graph_with_segments(compiled.graph, self.segments), root, "Reversible" + type(root).__name__)
+        self.regions = [CheckpointedRegion(program, root) for program in compiled.regions]
+        graph = _graph_with_segments(compiled.graph, self.segments, self.regions)
+        self.module = bind_graph(graph, root, "Reversible" + type(root).__name__)
 
     def accepts(self, call: CallSignature) -> bool:
         if self.compiled.guard is None:
@@ -122,6 +128,7 @@ class ReversibleModel(nn.Module):
         streams: str = "exact",
         check_reconstruction: bool = False,
         sketch_linears=None,
+        block_modes: BlockModes | None = None,
     ):
         super().__init__()
         self._modules.update(original._modules)
@@ -134,6 +141,7 @@ class ReversibleModel(nn.Module):
         state["_rc_tracer"] = tracer
         state["_rc_post_norm"] = post_norm
         state["_rc_sketch"] = sketch_linears
+        state["_rc_block_modes"] = block_modes or BlockModes()  # a memory plan's stored / checkpointed blocks
         state["_rc_settings"] = RuntimeSettings(
             streams=streams, coupling=coupling, check_reconstruction=check_reconstruction
         )
@@ -167,6 +175,7 @@ class ReversibleModel(nn.Module):
             training=self.training, post_norm=self._rc_post_norm, require_blocks=expected is None,
             excluded=self._rc_excluded,
             sketch_linears=self._rc_sketch,
+            block_modes=self._rc_block_modes,
         )
         if expected is not None and compiled.plan.signature() != expected.signature():
             raise ConversionError(

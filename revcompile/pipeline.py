@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch.fx as fx
 from torch import nn
 
+from revcompile.passes.checkpoint import RegionProgram, rewrite_checkpointed
 from revcompile.passes.detect import find_reversible_blocks
 from revcompile.passes.normalize import normalize_graph
 from revcompile.passes.plan import Plan
@@ -28,7 +29,7 @@ from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, Trace, TraceFailed, trace_model
 from revcompile.sketch import sketch_compiled
 
-__all__ = ["CompiledVariant", "compile_variant", "ORIGINAL_ATTRIBUTES"]
+__all__ = ["BlockModes", "CompiledVariant", "compile_variant", "ORIGINAL_ATTRIBUTES"]
 
 # Where a converted graph reads the original model's plain attributes (tensors assigned to
 # the model that are neither parameters nor buffers): a submodule of that name on the
@@ -48,6 +49,29 @@ class CompiledVariant:
     constants: dict = field(default_factory=dict)  # attribute name -> tensor made during tracing
     original_attributes: tuple[str, ...] = ()  # plain attributes of the model the graph reads
     sketched: tuple = ()  # revcompile.sketch.SketchedLinear ops (convert(..., sketch_linears=))
+    regions: tuple[RegionProgram, ...] = ()  # checkpointed runs of blocks (a memory plan's)
+
+
+@dataclass(frozen=True)
+class BlockModes:
+    """What a memory plan does with blocks other than coupling them (every other block is reversible).
+
+    ``stored``: left as the original computes them, activations kept by autograd.
+    ``checkpointed``: runs of consecutive blocks, each run recomputed once in backward.
+    """
+
+    stored: tuple[str, ...] = ()
+    checkpointed: tuple[tuple[str, ...], ...] = ()
+
+    def kept_blocks(self) -> tuple[str, ...]:
+        return self.stored + tuple(name for run in self.checkpointed for name in run)
+
+    def reasons(self) -> dict[str, str]:
+        reasons = {name: "stored: the memory plan keeps its activations" for name in self.stored}
+        for run in self.checkpointed:
+            where = f" (with {run[0]} .. {run[-1]})" if len(run) > 1 else ""
+            reasons.update({name: f"checkpointed{where}: the memory plan recomputes it in backward" for name in run})
+        return reasons
 
 
 def _resolves(model: nn.Module, target: str) -> bool:
@@ -170,22 +194,31 @@ def compile_variant(
     require_blocks: bool = True,
     excluded: dict | None = None,
     sketch_linears=None,
+    block_modes: BlockModes | None = None,
 ) -> CompiledVariant:
     """Compile ``model`` for one call. ``tracer='auto'`` tries fx, then torch.export.
 
     With ``require_blocks`` (the first conversion) finding nothing to convert is an error;
     later variants are compared with the first one by the caller instead. ``excluded``
-    maps block names to the reason they stay as they are.
+    maps block names to the reason they stay as they are. ``block_modes`` (a memory plan's,
+    ``revcompile.planner``) keeps some blocks stored and checkpoints runs of others.
     """
-    trace, plan = _trace_and_detect(model, call, tracer, training, post_norm, excluded)
-    if not plan.blocks and require_blocks:
+    modes = block_modes or BlockModes()
+    trace, plan = _trace_and_detect(model, call, tracer, training, post_norm, {**(excluded or {}), **modes.reasons()})
+    if not plan.blocks and require_blocks and not modes.kept_blocks():
         raise _nothing_convertible(model, plan)
 
     constants, plain = _lift_constants(trace.graph_module, model)
     traced_graph = fx.Graph()
     traced_graph.output(traced_graph.graph_copy(trace.graph_module.graph, {}))
     result = rewrite_reversible(trace.graph_module, plan)
-    graph_module, segments, sketched = sketch_compiled(result.graph_module, result.segments, model, sketch_linears)
+    rewritten, regions = result.graph_module, ()
+    if modes.checkpointed:
+        every_block = find_reversible_blocks(trace.graph_module, post_norm=post_norm, excluded=excluded).blocks
+        by_name = {block.name: block for block in every_block}
+        checkpoint = rewrite_checkpointed(rewritten, tuple(tuple(by_name[n] for n in run) for run in modes.checkpointed), result.renamed)
+        rewritten, regions = checkpoint.graph_module, checkpoint.regions
+    graph_module, segments, sketched = sketch_compiled(rewritten, result.segments, model, sketch_linears)
     return CompiledVariant(
         tracer=trace.tracer,
         plan=plan,
@@ -197,4 +230,5 @@ def compile_variant(
         constants=constants,
         original_attributes=plain,
         sketched=sketched,
+        regions=regions,
     )

@@ -253,6 +253,7 @@ def predict(converted: nn.Module, args: tuple, kwargs: dict, avoid_batch: int) -
             lambda b: _at_batch(inputs, avoid_batch, b), batches,
             coupling=converted.reversible_settings.coupling,
             streams=converted.reversible_settings.streams,
+            regions=compiled.regions,
         )
 
     try:

@@ -6,6 +6,7 @@ The functions at the top are ``package.module:callable`` models for the CLI to i
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -99,6 +100,15 @@ def test_json_agrees_with_the_python_api(capsys):
 # --- errors: one line, non-zero exit, no traceback ------------------------------------------
 
 
+def test_report_with_a_budget_prints_the_plan_and_the_measured_peak_against_it(capsys):
+    code, out, err = _run(["report", "tests.test_cli:tiny_vit", "--input-shape", "3,32,32", "--config", "depth=4",
+                           "--batch-size", "8", "--budget", "3MiB"], capsys)
+    assert code == 0, err
+    assert "Memory plan for a budget of 3.0 MiB" in out
+    assert "within the budget" in out, out
+    assert re.search(r"blocks\.\d.*(stored|checkpointed|reversible)", out)
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
@@ -112,6 +122,7 @@ def test_json_agrees_with_the_python_api(capsys):
         (["report", "hf:gpt2", "--config", "n_layerz=2"], "has no field 'n_layerz'"),
         (["report", *TINY, "--memory-cap", "64KiB", "--reserve", "0"], "is too small"),
         (["report", *TINY, "--memory-cap", "lots"], "cannot read 'lots' as a size"),
+        (["report", *TINY, "--budget", "1KiB"], "no plan fits 1.0 KiB"),
         (["report", "tests.test_cli:tiny_vit"], "--input-shape"),
         (["show", *TINY, "-o", "picture.png"], "must end in one of"),
     ],

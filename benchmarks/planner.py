@@ -1,0 +1,165 @@
+"""The memory planner against uniform strategies: peak and step time at budgets across the range.
+
+A ViT (depth 24, width 192, 65 tokens, batch 32, float32) on the CPU. For budgets spread
+from the smallest uniform step to above the original's peak, the planner's
+plan is converted and its real step measured: peak tensor bytes counted op by op
+(``revcompile.simulate.tensor_peak``) and CPU time per step. The same is measured for the
+uniform strategies: every block stored (the original), checkpointed every k blocks (one
+``torch.utils.checkpoint`` per run of k, for each k dividing the depth), every block
+reversible. Times are process CPU time with one thread, the strategies interleaved round
+by round, median of the rounds.
+
+    OMP_NUM_THREADS=1 python benchmarks/planner.py            # writes benchmarks/results/planner.*
+    python benchmarks/planner.py --depth 4 --rounds 1 --out /tmp/x   # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import revcompile
+from revcompile.passes.couplings import RevViT
+from revcompile.passes.recompute import plan_chain
+from revcompile.pipeline import BlockModes
+from revcompile.planner import _chain_costs, build_planned
+from revcompile.reference import example_inputs, reference_vit
+from revcompile.simulate import tensor_peak
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 2**20
+
+
+def _step_seconds(model, args) -> float:
+    start = time.process_time()
+    revcompile.simulate.training_loss(model(*args)).backward()
+    model.zero_grad(set_to_none=True)
+    return time.process_time() - start
+
+
+def _uniform(model, args, depth: int) -> dict[str, torch.nn.Module]:
+    names = [f"blocks.{i}" for i in range(depth)]
+    build = lambda modes: build_planned(model, args, {}, tracer="auto", coupling=RevViT(), post_norm="skip",  # noqa: E731
+                                        streams="exact", block_modes=modes)
+    strategies = {"all stored (original)": model}
+    for k in [k for k in range(1, depth + 1) if depth % k == 0]:
+        runs = tuple(tuple(names[i:i + k]) for i in range(0, depth, k))
+        strategies[f"checkpoint every {k}"] = build(BlockModes(checkpointed=runs))
+    strategies["all reversible"] = build(None)
+    return strategies
+
+
+def _measure(models: dict[str, torch.nn.Module], args, rounds: int) -> dict[str, dict]:
+    peaks = {name: tensor_peak(model, args) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            times[name].append(_step_seconds(model, args))
+    return {name: {"peak_bytes": peaks[name], "seconds": statistics.median(times[name])} for name in models}
+
+
+def _hierarchical(rounds: int) -> dict:
+    """A small timm Swin (stage transitions stay stored): a plan for 95% of the all-reversible peak."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=48, depths=(2, 2, 4, 2),
+                              num_heads=(2, 2, 4, 8), img_size=112, num_classes=10)
+    args = (torch.randn(8, 3, 112, 112),)
+    reversible = revcompile.convert(model, args, check_conversion=False)
+    budget = int(0.95 * tensor_peak(reversible, args))
+    planned = revcompile.convert(model, args, memory_budget=budget, check_conversion=False)
+    measured = _measure({"all reversible": reversible, "plan": planned}, args, rounds)
+    return {"model": "timm Swin (embed 48, depths 2-2-4-2, 112x112, batch 8)", "budget": budget,
+            "plan": revcompile.memory_plan(planned).summary(), **{f"{k} {m}": v for k, d in measured.items() for m, v in d.items()}}
+
+
+def _dp_seconds(model, args, depth48_budget_fraction: float = 0.3) -> dict:
+    """How long the chain DP alone takes on a 48-block chain (the cost measurement excluded)."""
+    deep = reference_vit(depth=48, dim=192, heads=3, num_classes=10)
+    converted = build_planned(deep, args, {}, tracer="auto", coupling=RevViT(), post_norm="skip", streams="exact")
+    started = time.perf_counter()
+    chain, _ = _chain_costs(converted, args, {}, RevViT(), "exact")
+    measured = time.perf_counter() - started
+    total = sum(b.saved for b in chain)
+    timings = []
+    for fraction in (0.1, depth48_budget_fraction, 0.6, 0.9):
+        started = time.perf_counter()
+        plan_chain(chain, int(total * fraction))
+        timings.append(time.perf_counter() - started)
+    return {"blocks": len(chain), "cost_measurement_seconds": measured, "dp_seconds_max": max(timings)}
+
+
+def _markdown(meta: dict, rows: list[dict], uniform: dict, dp: dict, h: dict) -> str:
+    lines = [
+        f"Measured {meta['date']} on {meta['machine']} CPU, {meta['threads']} thread(s), torch {meta['torch']}; "
+        f"ViT depth {meta['depth']}, width 192, batch {meta['batch']}, float32; CPU seconds per step, median of {meta['rounds']} rounds.",
+        "",
+        "| budget | plan (stored / checkpointed / reversible) | measured peak | within | step | best uniform that fits | its step | planning |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        best_step = f"{r['best_uniform_seconds']:.3f} s" if r["best_uniform_seconds"] else "-"
+        lines.append(
+            f"| {r['budget'] / MiB:.1f} MiB | {r['stored']} / {r['checkpointed']} / {r['reversible']} | {r['peak_bytes'] / MiB:.1f} MiB | "
+            f"{'yes' if r['peak_bytes'] <= r['budget'] else 'NO'} | {r['seconds']:.3f} s | {r['best_uniform'] or 'none'} | "
+            f"{best_step} | {r['planning_seconds']:.1f} s |"
+        )
+    lines += ["", "| uniform strategy | measured peak | step |", "|---|---|---|"]
+    lines += [f"| {name} | {u['peak_bytes'] / MiB:.1f} MiB | {u['seconds']:.3f} s |" for name, u in uniform.items()]
+    lines += ["", f"Chain DP alone on {dp['blocks']} blocks: at most {dp['dp_seconds_max']:.2f} s per budget; "
+              f"measuring the blocks' costs on fake tensors: {dp['cost_measurement_seconds']:.1f} s."]
+    lines += ["", f"{h['model']}, budget {h['budget'] / MiB:.1f} MiB (95% of all-reversible): {h['plan']}.", "",
+              "| | measured peak | step |", "|---|---|---|",
+              f"| all reversible | {h['all reversible peak_bytes'] / MiB:.1f} MiB | {h['all reversible seconds']:.3f} s |",
+              f"| plan | {h['plan peak_bytes'] / MiB:.1f} MiB | {h['plan seconds']:.3f} s |"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--budgets", type=int, default=8)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    options = parser.parse_args()
+    from results_io import run_meta, write_results
+
+    torch.manual_seed(0)
+    model = reference_vit(depth=options.depth, dim=192, heads=3, num_classes=10)
+    args = example_inputs(model, batch_size=options.batch)
+    strategies = _uniform(model, args, options.depth)
+    peaks = {name: tensor_peak(m, args) for name, m in strategies.items()}
+    low, high = min(peaks.values()), peaks["all stored (original)"]
+    budgets = [int(low + (high * 1.05 - low) * i / (options.budgets - 1)) for i in range(options.budgets)]
+    plans = {}
+    for budget in budgets:
+        converted = revcompile.convert(model, args, memory_budget=budget, check_conversion=False)
+        plans[budget] = (converted, revcompile.memory_plan(converted))
+        print(plans[budget][1].summary(), flush=True)
+    # every strategy and plan timed in the same rounds, interleaved
+    measured = _measure({**strategies, **{f"plan {b}": c for b, (c, _) in plans.items()}}, args, options.rounds)
+    uniform = {name: measured[name] for name in strategies}
+    rows = []
+    for budget, (_, plan) in plans.items():
+        fitting = {n: u for n, u in uniform.items() if u["peak_bytes"] <= budget}
+        best = min(fitting, key=lambda n: fitting[n]["seconds"]) if fitting else None
+        rows.append({"budget": budget, **plan.modes, **measured[f"plan {budget}"], "predicted_peak_bytes": plan.predicted_peak,
+                     "planning_seconds": plan.planning_seconds, "best_uniform": best,
+                     "best_uniform_seconds": fitting[best]["seconds"] if best else None})
+    dp = _dp_seconds(model, example_inputs(model, batch_size=2))
+    hierarchical = _hierarchical(options.rounds)
+    meta = run_meta(depth=options.depth, batch=options.batch, rounds=options.rounds)
+    data = {"meta": meta, "rows": rows, "uniform": [{"strategy": n, **u} for n, u in uniform.items()], "dp": dp,
+            "hierarchical": hierarchical}
+    out = Path(options.out)
+    write_results(data, out / "planner.json", out / "planner.md", _markdown(meta, rows, uniform, dp, hierarchical))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Choose, per block, stored / checkpointed / reversible: the least recompute that fits a byte budget.
+
+Each detected block of a model can keep its activations (*stored*: no extra compute), keep
+only its input and run again in backward (*checkpointed*, possibly as one run with its
+neighbours), or be coupled into a reversible segment (*reversible*: keeps nothing per
+block, rebuilds its inputs from its outputs; costs one more forward plus the stream
+arithmetic). This is the chain problem of Gruslys et al. (2016) and Rotor with a third
+choice per stage; for chains the lower sets of Kusumoto et al. (2019) are the prefixes, so
+their DP over (lower set, kept bytes) is the one here.
+
+The cost model, per block ``b`` (``BlockCost``, measured by ``revcompile.planner`` on the
+traced graph): ``saved`` bytes autograd keeps when it is stored, ``input`` bytes of the
+stream entering it, ``residue`` bytes a reversible step keeps (the dual coupling's
+remainder bits), ``stream_pair`` bytes a reversible segment starting at it keeps (its two
+final streams), ``forward`` its forward FLOPs. Walking the chain in order, each region
+adds what it keeps (``K``); backward walks it in reverse, and while a region runs its
+backward everything kept before it is still alive, plus the region's transient ``T``
+(a checkpointed run re-saves all its blocks' activations at once, a reversible block
+rebuilds one block's). So a plan's modelled peak is::
+
+    max( sum of all K,  max over regions r of (K before r + K_r + T_r) )
+
+and its extra compute is the recomputed forwards, a reversible one weighted by
+``1 + REVERSIBLE_OVERHEAD``. ``plan_chain`` minimises the extra compute subject to the
+modelled peak <= budget by dynamic programming over (position, last region is an open
+reversible segment), keeping per state the Pareto front of (kept bytes, compute): exact
+for this model (tests compare it with brute force), O(n * F * L) for n blocks, fronts of
+size F and checkpointed runs of at most L blocks. What the model leaves out (the rest of
+the step: embeddings, head, loss, gradient working memory) the planner measures as one
+constant by simulating the chosen plan, and plans again with the budget reduced by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["REVERSIBLE_OVERHEAD", "MAX_CHECKPOINT_RUN", "MODES", "BlockCost", "Region", "ChainPlan", "chain_cost", "plan_chain"]
+
+# A reversible block's recompute costs its forward plus the streams' arithmetic (rounding
+# onto the grid, casts): ~10% over a checkpointed block's recompute on CPU (docs/benchmarks.md).
+# It breaks ties: where checkpointing fits, it is chosen.
+REVERSIBLE_OVERHEAD = 0.1
+MAX_CHECKPOINT_RUN = 8
+MODES = ("stored", "checkpointed", "reversible")
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    name: str
+    saved: int
+    input: int
+    forward: float
+    residue: int = 0
+    stream_pair: int = 0
+    joins_previous: bool = True  # its input is the previous block's output (one run / segment can hold both)
+    checkpointable: bool = True
+    reversible: bool = True
+
+
+@dataclass(frozen=True)
+class Region:
+    mode: str  # one of MODES
+    blocks: tuple[int, ...]  # indices into the chain, consecutive
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    regions: tuple[Region, ...]
+    peak: int  # modelled, bytes
+    kept: int  # modelled bytes kept at the end of the forward
+    extra_flops: float
+
+    def modes(self) -> tuple[str, ...]:
+        return tuple(region.mode for region in self.regions for _ in region.blocks)
+
+
+def _region_cost(chain: tuple[BlockCost, ...], region: Region, opens_segment: bool, working: int = 0) -> tuple[int, int, float]:
+    """(kept K, transient T, extra FLOPs) of one region; ``working``: a reversible backward's own working memory."""
+    blocks = [chain[i] for i in region.blocks]
+    if region.mode == "stored":
+        return sum(b.saved for b in blocks), 0, 0.0
+    if region.mode == "checkpointed":
+        return blocks[0].input, sum(b.saved for b in blocks), sum(b.forward for b in blocks)
+    kept = sum(b.residue for b in blocks) + (blocks[0].stream_pair if opens_segment else 0)
+    return kept, max(b.saved for b in blocks) + working, sum(b.forward for b in blocks) * (1 + REVERSIBLE_OVERHEAD)
+
+
+def chain_cost(chain: tuple[BlockCost, ...], regions: tuple[Region, ...], reversible_working: int = 0) -> ChainPlan:
+    """The modelled peak and extra compute of a plan given as regions (adjacent reversible
+    regions whose blocks join form one segment, as the runtime builds them)."""
+    kept = peak = 0
+    flops = 0.0
+    previous: Region | None = None
+    for region in regions:
+        continues = (
+            previous is not None and previous.mode == region.mode == "reversible" and chain[region.blocks[0]].joins_previous
+        )
+        k, t, f = _region_cost(chain, region, not continues, reversible_working)
+        peak = max(peak, kept + k + t)
+        kept += k
+        flops += f
+        previous = region
+    return ChainPlan(tuple(regions), max(peak, kept), kept, flops)
+
+
+@dataclass(frozen=True)
+class _State:
+    kept: int
+    flops: float
+    peak: int
+    back: "_State | None"
+    region: Region | None
+
+
+def _pareto(states: list[_State]) -> list[_State]:
+    """Keep the states no other state beats on both kept bytes and compute."""
+    front: list[_State] = []
+    for state in sorted(states, key=lambda s: (s.kept, s.flops)):
+        if not front or state.flops < front[-1].flops:
+            front.append(state)
+    return front
+
+
+def _transitions(chain, i: int, in_segment: bool):
+    """Regions that can start at block ``i``: (region, opens a segment, ends in an open segment)."""
+    block = chain[i]
+    yield Region("stored", (i,)), False, False
+    if block.reversible:
+        continues = in_segment and block.joins_previous
+        yield Region("reversible", (i,)), not continues, True
+    if block.checkpointable:
+        end = i
+        while end < len(chain) and end - i < MAX_CHECKPOINT_RUN and chain[end].checkpointable:
+            if end > i and not chain[end].joins_previous:
+                break
+            yield Region("checkpointed", tuple(range(i, end + 1))), False, False
+            end += 1
+
+
+def plan_chain(chain: tuple[BlockCost, ...], budget: int, reversible_working: int = 0) -> ChainPlan | None:
+    """The plan with the least extra compute whose modelled peak is within ``budget``, or None.
+
+    ``reversible_working``: bytes a reversible block's backward needs beyond its rebuilt
+    activations (reconstructed streams and their cotangents; the planner measures it).
+    """
+    fronts: dict[tuple[int, bool], list[_State]] = {(0, False): [_State(0, 0.0, 0, None, None)]}
+    for i in range(len(chain)):
+        for in_segment in (False, True):
+            for state in fronts.pop((i, in_segment), []):
+                for region, opens, open_after in _transitions(chain, i, in_segment):
+                    k, t, f = _region_cost(chain, region, opens, reversible_working)
+                    peak = max(state.peak, state.kept + k + t)
+                    if peak > budget:
+                        continue
+                    key = (region.blocks[-1] + 1, open_after)
+                    fronts.setdefault(key, []).append(_State(state.kept + k, state.flops + f, peak, state, region))
+        for key in [k for k in fronts if k[0] == i + 1]:
+            fronts[key] = _pareto(fronts[key])
+    finals = [s for key, states in fronts.items() if key[0] == len(chain) for s in states if s.kept <= budget]
+    if not finals:
+        return None
+    best = min(finals, key=lambda s: (s.flops, s.peak))
+    regions: list[Region] = []
+    while best.region is not None:
+        regions.append(best.region)
+        best = best.back
+    return chain_cost(chain, tuple(reversed(regions)), reversible_working)

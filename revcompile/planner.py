@@ -1,0 +1,178 @@
+"""The fastest training step that fits a byte budget: per block stored, checkpointed or reversible.
+
+``plan_memory(model, example_inputs, "6GiB")`` answers "I have this much memory for the
+step": the budget is the step's activation and working memory on top of what exists before
+and after it (parameters, their gradients, optimizer state: ``revcompile.budget`` counts
+those for a memory cap). It works in three moves:
+
+1. if the original step fits (simulated on fake tensors, ``revcompile.simulate``), nothing
+   changes: every block is stored;
+2. otherwise the blocks' costs are measured on the traced graph
+   (``revcompile.passes.block_costs``) and the chain DP (``revcompile.passes.recompute``)
+   picks the plan with the least recompute whose modelled peak fits;
+3. the chosen plan is converted and its whole step simulated. What the model leaves out --
+   embeddings, head, loss, the backward's working memory -- is the difference between that
+   peak and the model's; the DP runs again with the budget reduced by it until the
+   simulated step fits (it is exact byte for byte on CPU, and what CUDA's allocator adds is
+   ``reserve`` in ``revcompile.budget``).
+
+Within a plan every block computes what it computed before, except the reversible ones,
+which compute the model's coupling: with ``coupling="dual"`` that is within ``beta`` of the
+original, so a budget changes the memory and the time, not the function (pretrained
+weights keep their meaning); with ``"revvit"`` the reversible blocks form a different
+architecture, so plan once and train that.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from torch import nn
+
+from revcompile.budget import ReportError, format_bytes, parse_bytes
+from revcompile.converted import ReversibleModel
+from revcompile.errors import ConversionError
+from revcompile.passes.block_costs import measure_block_costs
+from revcompile.passes.couplings import Coupling
+from revcompile.passes.recompute import BlockCost, ChainPlan, Region, chain_cost, plan_chain
+from revcompile.pipeline import BlockModes
+from revcompile.simulate import simulate_step_peak
+
+__all__ = ["MemoryPlan", "plan_memory", "build_planned"]
+
+_ATTEMPTS = 6
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per block what the step does with it, and what that costs (bytes above parameters and gradients)."""
+
+    budget: int
+    tracer: str
+    blocks: tuple[tuple[str, str], ...]  # (block name, "stored" | "checkpointed" | "reversible") in order
+    block_modes: BlockModes
+    predicted_peak: int  # the planned step, simulated
+    original_peak: int  # the original step, simulated
+    reversible_peak: int | None  # every block reversible, simulated (None when the original fits)
+    extra_flops: float  # recomputed forwards per step
+    step_flops: float  # the blocks' share of a step: forward + backward, ~3x their forward FLOPs
+    planning_seconds: float
+
+    @property
+    def modes(self) -> dict[str, int]:
+        counts = {"stored": 0, "checkpointed": 0, "reversible": 0}
+        for _, mode in self.blocks:
+            counts[mode] += 1
+        return counts
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {mode}" for mode, n in self.modes.items() if n)
+        extra = f"{self.extra_flops / self.step_flops:.0%}" if self.step_flops else "n/a"
+        return (
+            f"memory plan for {format_bytes(self.budget)}: {counts}; predicted peak {format_bytes(self.predicted_peak)} "
+            f"(original {format_bytes(self.original_peak)}), about {extra} more compute per step"
+        )
+
+    def table(self) -> str:
+        """The blocks as runs of one mode: ``blocks.0 .. blocks.5  reversible``."""
+        lines, run = [], []
+        for name, mode in (*self.blocks, ("", "")):
+            if run and mode != run[0][1]:
+                where = run[0][0] if len(run) == 1 else f"{run[0][0]} .. {run[-1][0]}"
+                lines.append(f"  {where:<32} {run[0][1]} ({len(run)})")
+                run = []
+            run.append((name, mode))
+        return "\n".join([self.summary(), *lines])
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def build_planned(model: nn.Module, args: tuple, kwargs: dict, *, tracer: str, coupling: Coupling, post_norm: str,
+                  streams: str, block_modes: BlockModes | None = None, **options) -> ReversibleModel:
+    """``model`` converted with ``block_modes`` and compiled for the example call."""
+    converted = ReversibleModel(model, tracer=tracer, coupling=coupling, post_norm=post_norm, streams=streams,
+                                block_modes=block_modes, **options)
+    converted.compile_for(args, kwargs)
+    return converted
+
+
+def _modes_of(chain: tuple[BlockCost, ...], plan: ChainPlan) -> BlockModes:
+    stored = tuple(chain[i].name for r in plan.regions if r.mode == "stored" for i in r.blocks)
+    runs = tuple(tuple(chain[i].name for i in r.blocks) for r in plan.regions if r.mode == "checkpointed")
+    return BlockModes(stored=stored, checkpointed=runs)
+
+
+def _uniform(chain: tuple[BlockCost, ...], mode: str, working: int = 0) -> ChainPlan:
+    return chain_cost(chain, tuple(Region(mode, (i,)) for i in range(len(chain))), working)
+
+
+def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs: dict | None = None, *,
+                tracer: str = "auto", coupling: Coupling | None = None, post_norm: str = "skip",
+                streams: str = "exact") -> MemoryPlan:
+    """The plan with the least recompute whose simulated step peak is within ``budget``.
+
+    ``budget``: bytes, or a string with units (``"6GiB"``), for the step's activations and
+    working memory above parameters and gradients. Raises ``ReportError`` naming the
+    smallest budget that can be met when none fits, ``ConversionError`` when the model
+    does not convert.
+    """
+    from revcompile.passes.couplings import RevViT
+
+    started = time.perf_counter()
+    budget = parse_bytes(budget)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    coupling = coupling or RevViT()
+    build = lambda modes: build_planned(model, args, kwargs, tracer=tracer, coupling=coupling,  # noqa: E731
+                                        post_norm=post_norm, streams=streams, block_modes=modes)
+    reversible = build(None)
+    chain, step_flops = _chain_costs(reversible, args, kwargs, coupling, streams)
+    tracer = reversible.reversible_plan.tracer
+    original_peak = simulate_step_peak(model, args, kwargs).peak_bytes
+    everything = lambda mode: ((name.name, mode) for name in chain)  # noqa: E731
+    done = lambda modes, blocks, peak, all_reversible, flops: MemoryPlan(  # noqa: E731
+        budget, tracer, tuple(blocks), modes, peak, original_peak, all_reversible, flops, step_flops, time.perf_counter() - started)
+    if original_peak <= budget:
+        return done(BlockModes(stored=tuple(b.name for b in chain)), everything("stored"), original_peak, None, 0.0)
+    all_reversible = simulate_step_peak(reversible, args, kwargs).peak_bytes
+    # What the chain model leaves out, from the two uniform plans simulated: the rest of the
+    # step (as in the original) and a reversible backward's own working memory.
+    outside = original_peak - _uniform(chain, "stored").peak
+    working = max(0, all_reversible - outside - _uniform(chain, "reversible").peak)
+    for _ in range(_ATTEMPTS):
+        chosen = plan_chain(chain, budget - outside, working)
+        if chosen is None:
+            break
+        modes = _modes_of(chain, chosen)
+        peak = simulate_step_peak(build(modes), args, kwargs).peak_bytes
+        if peak <= budget:
+            return done(modes, zip((b.name for b in chain), chosen.modes()), peak, all_reversible, chosen.extra_flops)
+        outside += peak - budget + max(1, budget // 1000)
+    if all_reversible <= budget:  # the model's estimate failed to converge: every block reversible fits
+        return done(BlockModes(), everything("reversible"), all_reversible, all_reversible, _uniform(chain, "reversible").extra_flops)
+    checkpointed = BlockModes(checkpointed=tuple((b.name,) for b in chain if b.checkpointable))
+    least = min(all_reversible, simulate_step_peak(build(checkpointed), args, kwargs).peak_bytes)
+    raise _nothing_fits(budget, least, original_peak)
+
+
+def _nothing_fits(budget: int, least: int, original: int) -> ReportError:
+    return ReportError(
+        f"no plan fits {format_bytes(budget)}: the smallest step found (every block reversible, or every block "
+        f"checkpointed) peaks at {format_bytes(least)} above parameters and gradients (the original at "
+        f"{format_bytes(original)}). Give a budget of at least {format_bytes(least)}, or a smaller batch."
+    )
+
+
+def _chain_costs(converted: ReversibleModel, args: tuple, kwargs: dict, coupling: Coupling, streams: str):
+    """The blocks' costs in program order, and the original step's FLOPs (3x its forward's)."""
+    variant = converted.reversible_variants[0]
+    compiled = variant.compiled
+    blocks = compiled.plan.blocks
+    if not blocks:
+        raise ConversionError("nothing to plan: no block of this model converts (see revcompile.explain)")
+    inputs = variant.placeholder_values(converted.call_signature(args, kwargs))
+    chain = measure_block_costs(converted, compiled.traced_graph, blocks, inputs, coupling, streams)
+    forward = sum(b.forward for b in chain)
+    return chain, 3.0 * forward
