@@ -86,8 +86,10 @@ def training_loss(output) -> torch.Tensor:
 
 def training_step(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward, ``training_loss``, backward: the step both the simulation and the measurements run."""
-    # The output stays alive through backward, as in a loop that reads ``outputs.loss``: a
-    # language model's logits (batch x tokens x vocabulary) are part of its step's peak.
+    # The output stays alive through backward, as in the loop HF documents (``outputs =
+    # model(**batch); outputs.loss.backward()``): a language model's logits (batch x tokens x
+    # vocabulary) and key/value cache are then part of the peak. A loop that drops the output
+    # first peaks lower, so counting it errs on the side that fits.
     output = model(*args, **kwargs)
     training_loss(output).backward()
 

@@ -25,11 +25,11 @@ def test_the_simulated_peak_is_the_real_steps_tensor_peak(coupling):
 
 
 def test_a_language_model_given_labels_is_predicted_as_measured():
-    """GPT-2 given labels returns its loss and its logits. The measured step once trained on
-    loss + sum(logits), a backward no training step has: a logits-sized gradient more, so
-    every prediction for GPT-2 looked 4-13% low. Both now train on the model's loss; the
-    simulated peak equals the measured one exactly, and the report's prediction (fitted at
-    batches 3 and 5, read at 2) within 1%."""
+    """GPT-2 given labels returns its loss, its logits and its key/value cache. The measured
+    step held that output through backward; the simulated one let it go before backward (and
+    the measurement trained on loss + sum(logits)), so every prediction for GPT-2 was 4-13%
+    low. Both now run the same step; the simulated peak equals the measured one to the byte,
+    and the report's prediction (fitted at batches 3 and 5, read at 2) is within 1%."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging
 
