@@ -47,7 +47,7 @@ from revcompile.budget import (
     training_state,
 )
 from revcompile.measure import HeapPeak, saved_for_backward
-from revcompile.simulate import LiveTensorBytes, largest_fitting_batch, simulate_step_peak
+from revcompile.simulate import LiveTensorBytes, largest_fitting_batch, simulate_step_peak, training_loss, training_step
 
 __all__ = ["StepMeasurement", "MemoryReport", "measure_step", "predict", "memory_report", "ReportError"]
 
@@ -175,10 +175,13 @@ def prediction_dict(p: MemoryPrediction) -> dict:
 
 
 def _loss(output) -> torch.Tensor:
-    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
-    if not leaves:
-        raise ReportError("the model returned no floating-point output that requires grad; nothing to train")
-    return sum(t.float().sum() for t in leaves)
+    """The loss the simulation backpropagates too (``training_loss``): an HF model given labels
+    trains on its ``loss``; adding its logits' sum would give the measured step a backward
+    (and a logits-sized gradient) that no training step has."""
+    try:
+        return training_loss(output)
+    except ValueError as err:
+        raise ReportError(str(err)) from None
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -216,8 +219,8 @@ def measure_step(model: nn.Module, args: tuple, kwargs: dict | None = None) -> S
     seconds = time.perf_counter() - start
     if not cuda:  # exact at op granularity, where sampling the heap misses short peaks
         counter = LiveTensorBytes([p.grad for p in model.parameters() if p.grad is not None])
-        with counter:
-            step()
+        with counter:  # without saved-tensor hooks: they hold saved tensors a little longer than a plain step
+            training_step(model, args, kwargs)
         peak = counter.growth
     model.zero_grad(set_to_none=True)
     return StepMeasurement(saved_bytes=saved.bytes, peak_bytes=peak, seconds=seconds, heap_peak_bytes=heap_peak)

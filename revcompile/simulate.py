@@ -31,7 +31,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["LiveTensorBytes", "training_loss", "tensor_peak", "simulate_step_peak", "StepPeak", "largest_fitting_batch"]
+__all__ = ["LiveTensorBytes", "training_loss", "training_step", "tensor_peak", "simulate_step_peak", "StepPeak", "largest_fitting_batch"]
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -84,17 +84,23 @@ def training_loss(output) -> torch.Tensor:
     return sum(t.float().sum() for t in leaves)
 
 
-def _step(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    training_loss(model(*args, **kwargs)).backward()
+def training_step(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward, ``training_loss``, backward: the step both the simulation and the measurements run."""
+    # The output stays alive through backward, as in the loop HF documents (``outputs =
+    # model(**batch); outputs.loss.backward()``): a language model's logits (batch x tokens x
+    # vocabulary) and key/value cache are then part of the peak. A loop that drops the output
+    # first peaks lower, so counting it errs on the side that fits.
+    output = model(*args, **kwargs)
+    training_loss(output).backward()
 
 
 def tensor_peak(model: nn.Module, args: tuple, kwargs: dict | None = None) -> int:
     """Peak tensor bytes of one real training step above its start (after a warm-up step)."""
     kwargs = kwargs or {}
-    _step(model, args, kwargs)  # warm-up: traced variants, .grad buffers
+    training_step(model, args, kwargs)  # warm-up: traced variants, .grad buffers
     counter = LiveTensorBytes(_gradients(model))
     with counter:
-        _step(model, args, kwargs)
+        training_step(model, args, kwargs)
     model.zero_grad(set_to_none=True)
     return counter.growth
 
@@ -134,7 +140,7 @@ def simulate_step_peak(model: nn.Module, args: tuple, kwargs: dict | None = None
         with _reparametrize_module(model, {**fakes, **buffers}, tie_weights=True):
             counter = LiveTensorBytes(_gradients(model))
             with counter:
-                _step(model, *inputs)
+                training_step(model, *inputs)
     return StepPeak(counter.growth, counter.live - counter.base)
 
 
