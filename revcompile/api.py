@@ -120,6 +120,7 @@ def convert(
         sketch_linears=sketch_linears, block_modes=memory_plan.block_modes if memory_plan else None,
     )
     converted.__dict__["_rc_memory_plan"] = memory_plan
+    converted.__dict__["_rc_as_original"] = bool(memory_plan and memory_plan.keeps_original and not sketch_linears)
     converted.compile_for(args, kwargs)
     if check_conversion:
         check_converted_model(converted, args, kwargs)

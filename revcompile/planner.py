@@ -66,6 +66,11 @@ class MemoryPlan:
             counts[mode] += 1
         return counts
 
+    @property
+    def keeps_original(self) -> bool:
+        """Every block stored: the original's step, unchanged."""
+        return all(mode == "stored" for _, mode in self.blocks)
+
     def summary(self) -> str:
         counts = ", ".join(f"{n} {mode}" for mode, n in self.modes.items() if n)
         extra = f"{self.extra_flops / self.step_flops:.0%}" if self.step_flops else "n/a"
