@@ -23,6 +23,7 @@ from torch import nn
 from revcompile.passes.couplings import Coupling, RevViT, StreamArithmetic
 from revcompile.passes.rewrite import BranchProgram, SegmentProgram
 from revcompile.passes.schedule import BackwardProgram, schedule_backward
+from revcompile.runtime.sharding import BlockSharding
 from revcompile.runtime.tape import reversible_call
 
 __all__ = ["BACKWARD_MODES", "RuntimeSettings", "ReversibleSegment", "bind_graph"]
@@ -131,32 +132,29 @@ class ReversibleSegment:
         # Kept out of torch.compile: a compiled forward would draw dropout masks with
         # inductor's generator, which the eager recompute in backward cannot replay.
         params = self.parameters()
-        _refuse_sharded(self, params)
+        sharding = BlockSharding.find(self, params)
         needs_graph = torch.is_grad_enabled() and (
             x.requires_grad
             or any(p.requires_grad for p in params)
             or any(isinstance(s, torch.Tensor) and s.requires_grad for s in side)
         )
         if self.settings.mode == "autograd" or not needs_graph:
-            coupling, arith = self.settings.coupling, StreamArithmetic(self.settings.streams, x.dtype)
-            prev, cur, _ = coupling.run(arith, x, self.branches(side), keep_residues=False)
-            return coupling.leave(arith, prev, cur)
-        return reversible_call(self, x, side, params)
+            return self._run_stored(x, side, sharding, needs_graph)
+        return reversible_call(self, x, side, params, sharding)
+
+    def _run_stored(self, x: torch.Tensor, side: tuple, sharding: BlockSharding | None, needs_graph: bool):
+        """The coupled forward with ordinary autograd (or none). Sharded blocks are gathered one at a
+        time; with a graph they stay gathered, as autograd keeps their parameters, until FSDP's
+        post-backward reshards them."""
+        coupling, arith = self.settings.coupling, StreamArithmetic(self.settings.streams, x.dtype)
+        before_step = sharding.forward_steps(None, reshard=not needs_graph) if sharding else None
+        prev, cur, _ = coupling.run(arith, x, self.branches(side), keep_residues=False, before_step=before_step)
+        if sharding is not None and not needs_graph:
+            sharding.release(len(self.blocks) - 1)
+        return coupling.leave(arith, prev, cur)
 
 
 def _walk(module: nn.Module, path: tuple[str, ...]) -> nn.Module:
     for name in path:
         module = module._modules[name]
     return module
-
-
-def _refuse_sharded(segment: ReversibleSegment, params) -> None:
-    """FSDP that shards a module inside a segment: its parameters arrive sharded, because the
-    segment reads them directly instead of calling that module (so FSDP never gathers them)."""
-    sharded = [n for n, p in zip(segment.parameter_names, params) if type(p).__name__ == "DTensor"]
-    if sharded:
-        raise RuntimeError(
-            f"revcompile: {len(sharded)} parameters of {segment.__name__} ({sharded[0]}, ...) are sharded "
-            "by FSDP. Reversible segments read their parameters directly, so shard the converted model "
-            "as a whole -- fully_shard(converted) -- not modules inside it, or use DistributedDataParallel."
-        )

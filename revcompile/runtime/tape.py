@@ -30,7 +30,7 @@ import torch
 
 from revcompile.executor import ProgramRun, stream_backend
 from revcompile.passes.couplings import StreamArithmetic
-from revcompile.passes.schedule import GRAD, cotangent_value, grad_value, saved_value, side_value, streams_value
+from revcompile.passes.schedule import GRAD, RECOMPUTE, cotangent_value, grad_value, saved_value, side_value, streams_value
 from revcompile.runtime.auto import backward_mode
 from revcompile.runtime.replay import autocast_as, autocast_state, capture_rng, cuda_devices
 from revcompile.runtime.steps import StepMath
@@ -41,8 +41,8 @@ __all__ = ["ReconstructionTape", "reversible_call"]
 class ReconstructionTape:
     """What the nodes of one segment call share: the forward's state, then one backward run."""
 
-    def __init__(self, segment, params: list, side: tuple):
-        self.segment, self.params = segment, params
+    def __init__(self, segment, params: list, side: tuple, sharding=None):
+        self.segment, self.params, self.sharding = segment, params, sharding
         self.side_layout = (len(side), [i for i, s in enumerate(side) if isinstance(s, torch.Tensor)])
         self.constants = {i: s for i, s in enumerate(side) if i not in self.side_layout[1]}
         self.side_requires_grad = {i for i in self.side_layout[1] if side[i].requires_grad}
@@ -84,7 +84,8 @@ class _Run:
         self.autocast = forward["autocast"]
         self.timing = contextlib.ExitStack()
         self.timing.enter_context(timing)
-        self.program_run = ProgramRun(program, math.ops, env, stream_backend(cur.device, program.stream_count))
+        ops = _gathering_ops(math.ops, tape.sharding) if tape.sharding is not None else math.ops
+        self.program_run = ProgramRun(program, ops, env, stream_backend(cur.device, program.stream_count))
 
     def through_block(self, i: int) -> dict:
         """Run up to and including ``grad i``; the environment after it."""
@@ -99,6 +100,23 @@ class _Run:
         self.program_run = None
 
 
+def _gathering_ops(ops: dict, sharding) -> dict:
+    """``ops`` with block ``i``'s FSDP2 modules gathered from its recompute to the end of its gradient step."""
+    recompute, grad = ops[RECOMPUTE], ops[GRAD]
+
+    def gathered_recompute(i, branch, values, scratch):
+        if branch == "g":  # a block's recompute starts with G
+            sharding.gather(i)
+        recompute(i, branch, values, scratch)
+
+    def releasing_grad(i, branch, values, scratch):
+        grad(i, branch, values, scratch)
+        if branch == "f":  # and its gradient step ends with F
+            sharding.release(i)
+
+    return {**ops, RECOMPUTE: gathered_recompute, GRAD: releasing_grad}
+
+
 def _side_inputs(tape: ReconstructionTape, saved_side) -> tuple:
     """The forward's side inputs, differentiable ones as fresh leaves."""
     n_side, tensor_side = tape.side_layout
@@ -108,12 +126,17 @@ def _side_inputs(tape: ReconstructionTape, saved_side) -> tuple:
     return tuple(side_list)
 
 
-def reversible_call(segment, x: torch.Tensor, side: tuple, params: list) -> torch.Tensor:
-    """The segment's output, with the entry -> gates -> exit chain as its graph."""
-    tape = ReconstructionTape(segment, params, side)
+def reversible_call(segment, x: torch.Tensor, side: tuple, params: list, sharding=None) -> torch.Tensor:
+    """The segment's output, with the entry -> gates -> exit chain as its graph.
+
+    With ``sharding`` (``runtime.sharding``), the entry's forward replaces each sharded block's
+    entries of ``params`` with FSDP's unsharded parameters while it gathers that block, so the
+    gates take those: their gradients are what FSDP reduce-scatters.
+    """
+    tape = ReconstructionTape(segment, list(params), side, sharding)
     token = _SegmentEntry.apply(tape, x, *side)
     for i, positions in enumerate(segment.block_parameters):
-        token = _BlockGate.apply(tape, i, token, *(params[k] for k in positions))
+        token = _BlockGate.apply(tape, i, token, *(tape.params[k] for k in positions))
     return token
 
 
@@ -126,12 +149,18 @@ class _SegmentEntry(torch.autograd.Function):
         rng_log: list = []
         stored = [] if segment.settings.check_reconstruction else None  # debug: keep block inputs
 
+        gather = tape.sharding.forward_steps(tape.params, reshard=True) if tape.sharding is not None else None
+
         def before_step(j, prev, cur):
+            if gather is not None:
+                gather(j, prev, cur)
             if stored is not None and j % 2 == 0:
                 stored.append((prev, cur))
             rng_log.append(capture_rng(devices) if segment.draws_random[j] else None)
 
         prev, cur, residues = coupling.run(arith, x, segment.branches(side), before_step=before_step)
+        if tape.sharding is not None:
+            tape.sharding.release(len(segment.blocks) - 1)
         kept = residues if coupling.saves_per_step else []  # e.g. the dual coupling's packed remainder bits
         tape.handed_over = (prev, cur, *(side[i] for i in tape.side_layout[1]), *kept)
         tape.forward = {"coupling": coupling, "arith": arith, "rng": (rng_log, devices), "stored": stored,
