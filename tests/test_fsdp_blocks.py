@@ -76,3 +76,41 @@ def test_fsdp_per_block_gradients_equal_single_process(tmp_path, world, mode):
         assert result["grads"].keys() == expected.keys()
         for name, grad in expected.items():
             torch.testing.assert_close(result["grads"][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _refusals_worker(rank: int, port: int, out_dir: str) -> None:
+    """What FSDP2 arrangements a segment refuses, and the errors' words (one process)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=1)
+    fully_shard = _fully_shard()
+    messages = {}
+    try:
+        images, labels = _shard(rank)
+        converted = revcompile.convert(_model(), images[:2])
+        for block in converted.blocks:
+            fully_shard(block)  # but not the converted model: nothing would reduce-scatter
+        with torch.no_grad():
+            messages["no_root_eval"] = str(converted(images).shape)  # no backward: nothing to reduce
+        try:
+            _loss(converted, images, labels)
+            messages["no_root"] = "no error"
+        except RuntimeError as err:
+            messages["no_root"] = str(err)
+        original = _model()
+        fully_shard(original.blocks[0])
+        try:
+            revcompile.convert(original, images[:2])
+            messages["sharded_original"] = "no error"
+        except revcompile.ConversionError as err:
+            messages["sharded_original"] = str(err)
+        torch.save(messages, os.path.join(out_dir, "refusals.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_arrangements_that_cannot_work_are_refused_with_the_recipe(tmp_path):
+    mp.spawn(_refusals_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    messages = torch.load(tmp_path / "refusals.pt")
+    assert messages["no_root_eval"] == "torch.Size([4, 4])"
+    assert "converted model is not" in messages["no_root"] and "fully_shard(converted)" in messages["no_root"]
+    assert "blocks.0" in messages["sharded_original"] and "Convert the unsharded model first" in messages["sharded_original"]

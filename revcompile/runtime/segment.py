@@ -138,6 +138,8 @@ class ReversibleSegment:
             or any(p.requires_grad for p in params)
             or any(isinstance(s, torch.Tensor) and s.requires_grad for s in side)
         )
+        if sharding is not None and needs_graph:
+            sharding.require_root()
         if self.settings.mode == "autograd" or not needs_graph:
             return self._run_stored(x, side, sharding, needs_graph)
         return reversible_call(self, x, side, params, sharding)

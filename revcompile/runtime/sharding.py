@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BlockSharding"]
+__all__ = ["BlockSharding", "fsdp_modules"]
 
 
 def _fsdp_module_class():
@@ -31,6 +31,14 @@ def _fsdp_module_class():
         except ImportError:
             return None
     return FSDPModule
+
+
+def fsdp_modules(model: nn.Module) -> list[str]:
+    """Names of the FSDP2 (``fully_shard``) modules in ``model``."""
+    fsdp_module = _fsdp_module_class()
+    if fsdp_module is None:
+        return []
+    return [name or "<the model>" for name, m in model.named_modules() if isinstance(m, fsdp_module)]
 
 
 def _is_sharded(tensor: torch.Tensor) -> bool:
@@ -58,6 +66,19 @@ class BlockSharding:
                     found[id(owner)] = owner
             owners.append(tuple(found.values()))
         return cls(segment, owners)
+
+    def require_root(self) -> None:
+        """Refuse a backward FSDP would not finish: only a root FSDP module reduce-scatters
+        gradients that no module's own hooks produced."""
+        fsdp_module = _fsdp_module_class()
+        if not isinstance(self.segment.root, fsdp_module):
+            raise RuntimeError(
+                f"revcompile: blocks of {self.segment.__name__} are sharded by FSDP2 but the converted model "
+                "is not. Shard it too, after its blocks -- for block in ...: fully_shard(block); then "
+                "fully_shard(converted) -- so that FSDP reduce-scatters the blocks' gradients at the end of "
+                "backward (reversible segments read block parameters directly, so the blocks' own FSDP "
+                "hooks do not run)."
+            )
 
     def gather(self, i: int, params: list | None = None) -> None:
         """Unshard block ``i``'s modules; with ``params``, put their unsharded parameters there."""
