@@ -138,21 +138,28 @@ class ReversibleSegment:
             or any(p.requires_grad for p in params)
             or any(isinstance(s, torch.Tensor) and s.requires_grad for s in side)
         )
-        if sharding is not None and needs_graph:
-            sharding.require_root()
         if self.settings.mode == "autograd" or not needs_graph:
-            return self._run_stored(x, side, sharding, needs_graph)
+            return self._run_stored(x, side, sharding)
         return reversible_call(self, x, side, params, sharding)
 
-    def _run_stored(self, x: torch.Tensor, side: tuple, sharding: BlockSharding | None, needs_graph: bool):
-        """The coupled forward with ordinary autograd (or none). Sharded blocks are gathered one at a
-        time; with a graph they stay gathered, as autograd keeps their parameters, until FSDP's
-        post-backward reshards them."""
+    def _run_stored(self, x: torch.Tensor, side: tuple, sharding: BlockSharding | None):
+        """The coupled forward with ordinary autograd (or none). Sharded blocks run each as a
+        forward of their FSDP2 modules, so that FSDP's hooks gather, reshard and reduce-scatter
+        as for any module."""
         coupling, arith = self.settings.coupling, StreamArithmetic(self.settings.streams, x.dtype)
-        before_step = sharding.forward_steps(None, reshard=not needs_graph) if sharding else None
-        prev, cur, _ = coupling.run(arith, x, self.branches(side), keep_residues=False, before_step=before_step)
-        if sharding is not None and not needs_graph:
-            sharding.release(len(self.blocks) - 1)
+        if sharding is None:
+            prev, cur, _ = coupling.run(arith, x, self.branches(side), keep_residues=False)
+            return coupling.leave(arith, prev, cur)
+        branches = self.branches(side)
+
+        def block(i: int, prev, cur):
+            for j in (2 * i, 2 * i + 1):
+                prev, cur = cur, coupling.step(arith, prev, cur, branches[j](arith.branch_input(cur)), False)[0]
+            return prev, cur
+
+        prev, cur = coupling.enter(arith, x)
+        for i in range(len(self.blocks)):
+            prev, cur = sharding.call_block(i, block, i, prev, cur)
         return coupling.leave(arith, prev, cur)
 
 

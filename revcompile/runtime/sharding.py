@@ -1,20 +1,24 @@
-"""FSDP2 modules inside a reversible segment, gathered one block at a time.
+"""FSDP2 modules inside a reversible segment, gathered one block at a time by their own hooks.
 
 A segment reads its blocks' parameters by name instead of calling the block modules, so
-FSDP2's forward hooks on a ``fully_shard``-ed block never run and its parameters would
-arrive sharded. ``BlockSharding`` does what those hooks would, through FSDP2's public
-``FSDPModule.unshard()`` / ``reshard()``: the forward gathers block ``i``'s modules for
-block ``i``'s two steps only, and the backward gathers them again for block ``i``'s
-recompute and gradient step and reshards after it. While a module is gathered, its
-registered parameters are FSDP's unsharded parameters -- the same tensor objects every
-time -- so the segment's gates take those as inputs, autograd accumulates each block's
-gradients into their ``.grad``, and FSDP's post-backward (run by the root module's
-end-of-backward callback) reduce-scatters them into the sharded parameters' gradients.
-That callback is queued by the root's own hooks, so the converted model itself must be
-``fully_shard``-ed as well (the usual recipe: each block, then the root).
+FSDP2's forward hooks on a ``fully_shard``-ed block would never run and its parameters
+would stay sharded. ``BlockSharding.call_block`` runs a block's part of the segment --
+its gate (``runtime.tape``), or its two coupling steps with ordinary autograd -- as a
+forward method of the block's FSDP2 modules (FSDP's public
+``register_fsdp_forward_method``), so FSDP's own hooks do what they do for any module:
+all-gather before the block's forward steps and reshard after them; in backward, gather
+again when the gradient of the block's output arrives (prefetching as configured) and,
+once the gradients of its inputs are computed, reduce-scatter the block's parameter
+gradients and reshard. While a module is gathered its registered parameters are FSDP's
+unsharded parameters, so the gate takes those, and the gradients it returns for them --
+accumulated by autograd as soon as the block's backward step is done -- are the ones FSDP
+reduce-scatters.
 """
 
 from __future__ import annotations
+
+import functools
+import types
 
 import torch
 from torch import nn
@@ -67,47 +71,38 @@ class BlockSharding:
             owners.append(tuple(found.values()))
         return cls(segment, owners)
 
-    def require_root(self) -> None:
-        """Refuse a backward FSDP would not finish: only a root FSDP module reduce-scatters
-        gradients that no module's own hooks produced."""
-        fsdp_module = _fsdp_module_class()
-        if not isinstance(self.segment.root, fsdp_module):
-            raise RuntimeError(
-                f"revcompile: blocks of {self.segment.__name__} are sharded by FSDP2 but the converted model "
-                "is not. Shard it too, after its blocks -- for block in ...: fully_shard(block); then "
-                "fully_shard(converted) -- so that FSDP reduce-scatters the blocks' gradients at the end of "
-                "backward (reversible segments read block parameters directly, so the blocks' own FSDP "
-                "hooks do not run)."
-            )
+    def call_block(self, i: int, fn, *args):
+        """``fn(*args)`` as a forward of block ``i``'s FSDP2 modules, so that their own hooks run:
+        gather before it, reshard after it, gather again in backward when the gradient of its
+        output arrives, reduce-scatter once the gradients of its inputs are computed."""
+        call = fn
+        for module in self.owners[i]:
+            call = functools.partial(_fsdp_forward(module), call)
+        return call(*args)
 
-    def gather(self, i: int, params: list | None = None) -> None:
-        """Unshard block ``i``'s modules; with ``params``, put their unsharded parameters there."""
+    def gather(self, i: int) -> None:
+        """Unshard block ``i``'s modules (for a step the program runs before FSDP's hooks would)."""
         for module in self.owners[i]:
             module.unshard()
-        if params is not None:
-            live = self.segment.parameters()
-            for k in self.segment.block_parameters[i]:
-                params[k] = live[k]
 
-    def release(self, i: int, keep: int | None = None) -> None:
-        """Reshard block ``i``'s modules, except those block ``keep`` also needs."""
-        kept = {id(m) for m in self.owners[keep]} if keep is not None else set()
-        for module in self.owners[i]:
-            if id(module) not in kept:
-                module.reshard()
 
-    def forward_steps(self, params: list | None, reshard: bool):
-        """A ``before_step(j, prev, cur)`` callback gathering each block for its two steps."""
+_FORWARD_METHOD = "_revcompile_forward"
 
-        def before_step(j: int, prev, cur) -> None:
-            if j % 2:
-                return
-            i = j // 2
-            self.gather(i, params)
-            if reshard and i > 0:
-                self.release(i - 1, keep=i)
 
-        return before_step
+def _fsdp_forward(module: nn.Module):
+    """``module``'s method ``(fn, *args) -> fn(*args)``, registered with FSDP2 as a forward method."""
+    if _FORWARD_METHOD not in module.__dict__:
+        try:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+        except ImportError:  # torch < 2.6
+            from torch.distributed._composable.fsdp import register_fsdp_forward_method
+        module.__dict__[_FORWARD_METHOD] = types.MethodType(_call, module)
+        register_fsdp_forward_method(module, _FORWARD_METHOD)
+    return getattr(module, _FORWARD_METHOD)
+
+
+def _call(module: nn.Module, fn, *args):
+    return fn(*args)
 
 
 def _owner(root: nn.Module, name: str, fsdp_module) -> nn.Module:
@@ -120,7 +115,7 @@ def _owner(root: nn.Module, name: str, fsdp_module) -> nn.Module:
     if owner is None:
         raise RuntimeError(
             f"revcompile: parameter {name} is a DTensor but no module on its path is an FSDP2 module "
-            "(fully_shard). Reversible segments gather sharded parameters only through FSDP2's "
-            "unshard()/reshard(); shard with torch.distributed.fsdp.fully_shard."
+            "(fully_shard). Reversible segments gather sharded parameters only through the hooks of "
+            "FSDP2 modules; shard with torch.distributed.fsdp.fully_shard."
         )
     return owner

@@ -46,7 +46,7 @@ class ReconstructionTape:
         self.side_layout = (len(side), [i for i, s in enumerate(side) if isinstance(s, torch.Tensor)])
         self.constants = {i: s for i, s in enumerate(side) if i not in self.side_layout[1]}
         self.side_requires_grad = {i for i in self.side_layout[1] if side[i].requires_grad}
-        self.handed_over: tuple | None = None  # the forward's tensors, until the exit saves them
+        self.walk: dict | None = None  # the forward in progress: streams, residues, branches, side inputs
         self.forward: dict = {}  # the forward's coupling, arithmetic, generator states, autocast, mode
         self.run = None  # the backward run in progress: a _Run
 
@@ -101,20 +101,17 @@ class _Run:
 
 
 def _gathering_ops(ops: dict, sharding) -> dict:
-    """``ops`` with block ``i``'s FSDP2 modules gathered from its recompute to the end of its gradient step."""
-    recompute, grad = ops[RECOMPUTE], ops[GRAD]
+    """``ops`` with block ``i``'s FSDP2 modules gathered for its recompute. FSDP's own pre-backward
+    hook gathers them when the gradient of block ``i``'s gate arrives; this covers a program
+    that recomputes a block before that (``"parallel"``). FSDP's post-backward reshards."""
+    recompute = ops[RECOMPUTE]
 
     def gathered_recompute(i, branch, values, scratch):
         if branch == "g":  # a block's recompute starts with G
             sharding.gather(i)
         recompute(i, branch, values, scratch)
 
-    def releasing_grad(i, branch, values, scratch):
-        grad(i, branch, values, scratch)
-        if branch == "f":  # and its gradient step ends with F
-            sharding.release(i)
-
-    return {**ops, RECOMPUTE: gathered_recompute, GRAD: releasing_grad}
+    return {**ops, RECOMPUTE: gathered_recompute}
 
 
 def _side_inputs(tape: ReconstructionTape, saved_side) -> tuple:
@@ -129,15 +126,27 @@ def _side_inputs(tape: ReconstructionTape, saved_side) -> tuple:
 def reversible_call(segment, x: torch.Tensor, side: tuple, params: list, sharding=None) -> torch.Tensor:
     """The segment's output, with the entry -> gates -> exit chain as its graph.
 
-    With ``sharding`` (``runtime.sharding``), the entry's forward replaces each sharded block's
-    entries of ``params`` with FSDP's unsharded parameters while it gathers that block, so the
-    gates take those: their gradients are what FSDP reduce-scatters.
+    With ``sharding`` (``runtime.sharding``), each sharded block's gate is called through its
+    FSDP2 modules, whose own hooks gather the block for the gate's forward (the block's two
+    steps) and again in backward, and reduce-scatter the gradients the gate returns for
+    FSDP's unsharded parameters.
     """
     tape = ReconstructionTape(segment, list(params), side, sharding)
     token = _SegmentEntry.apply(tape, x, *side)
-    for i, positions in enumerate(segment.block_parameters):
-        token = _BlockGate.apply(tape, i, token, *(tape.params[k] for k in positions))
+    for i in range(len(segment.blocks)):
+        token = sharding.call_block(i, _gate, tape, i, token) if sharding is not None else _gate(tape, i, token)
     return token
+
+
+def _gate(tape: ReconstructionTape, i: int, token: torch.Tensor) -> torch.Tensor:
+    """Block ``i``'s gate, taking its parameters as they are registered now (FSDP's unsharded
+    ones while its modules are gathered)."""
+    positions = tape.segment.block_parameters[i]
+    if tape.sharding is not None:
+        live = tape.segment.parameters()
+        for k in positions:
+            tape.params[k] = live[k]
+    return _BlockGate.apply(tape, i, token, *(tape.params[k] for k in positions))
 
 
 class _SegmentEntry(torch.autograd.Function):
@@ -145,26 +154,10 @@ class _SegmentEntry(torch.autograd.Function):
     def forward(ctx, tape: ReconstructionTape, x: torch.Tensor, *side):
         segment = tape.segment
         coupling, arith = segment.settings.coupling, StreamArithmetic(segment.settings.streams, x.dtype)
-        devices = cuda_devices((x, *side))
-        rng_log: list = []
         stored = [] if segment.settings.check_reconstruction else None  # debug: keep block inputs
-
-        gather = tape.sharding.forward_steps(tape.params, reshard=True) if tape.sharding is not None else None
-
-        def before_step(j, prev, cur):
-            if gather is not None:
-                gather(j, prev, cur)
-            if stored is not None and j % 2 == 0:
-                stored.append((prev, cur))
-            rng_log.append(capture_rng(devices) if segment.draws_random[j] else None)
-
-        prev, cur, residues = coupling.run(arith, x, segment.branches(side), before_step=before_step)
-        if tape.sharding is not None:
-            tape.sharding.release(len(segment.blocks) - 1)
-        kept = residues if coupling.saves_per_step else []  # e.g. the dual coupling's packed remainder bits
-        tape.handed_over = (prev, cur, *(side[i] for i in tape.side_layout[1]), *kept)
-        tape.forward = {"coupling": coupling, "arith": arith, "rng": (rng_log, devices), "stored": stored,
+        tape.forward = {"coupling": coupling, "arith": arith, "rng": ([], cuda_devices((x, *side))), "stored": stored,
                         "autocast": autocast_state(), "mode": segment.settings.mode, "input_dtype": x.dtype}
+        tape.walk = {"streams": coupling.enter(arith, x), "residues": [], "branches": segment.branches(side), "side": side}
         ctx.tape = tape
         return x.new_empty(0)
 
@@ -186,12 +179,15 @@ class _BlockGate(torch.autograd.Function):
     def forward(ctx, tape: ReconstructionTape, i: int, token: torch.Tensor, *params):
         ctx.tape, ctx.block = tape, i
         ctx.exit = i == len(tape.segment.blocks) - 1
+        _forward_block(tape, i)
         if not ctx.exit:
             return token.new_empty(0)
-        prev, cur = tape.handed_over[:2]
-        ctx.save_for_backward(*tape.handed_over)
-        tape.handed_over = None
-        return tape.forward["coupling"].leave(tape.forward["arith"], prev, cur)
+        walk, coupling = tape.walk, tape.forward["coupling"]
+        prev, cur = walk["streams"]
+        kept = walk["residues"] if coupling.saves_per_step else []  # e.g. the dual coupling's packed remainder bits
+        ctx.save_for_backward(prev, cur, *(walk["side"][k] for k in tape.side_layout[1]), *kept)
+        tape.walk = None
+        return coupling.leave(tape.forward["arith"], prev, cur)
 
     @staticmethod
     def backward(ctx, grad):
@@ -207,6 +203,21 @@ class _BlockGate(torch.autograd.Function):
         names = tape.segment.parameter_names
         grads = [env.pop(grad_value(names[k]), None) for k in tape.segment.block_parameters[ctx.block]]
         return (None, None, grad, *grads)
+
+
+def _forward_block(tape: ReconstructionTape, i: int) -> None:
+    """Block ``i``'s two coupling steps, without a graph, as ``Coupling.run`` takes them."""
+    segment, forward, walk = tape.segment, tape.forward, tape.walk
+    coupling, arith, (rng_log, devices), stored = forward["coupling"], forward["arith"], forward["rng"], forward["stored"]
+    prev, cur = walk["streams"]
+    if stored is not None:
+        stored.append((prev, cur))
+    for j in (2 * i, 2 * i + 1):
+        rng_log.append(capture_rng(devices) if segment.draws_random[j] else None)
+        nxt, residue = coupling.step(arith, prev, cur, walk["branches"][j](arith.branch_input(cur)), True)
+        walk["residues"].append(residue)
+        prev, cur = cur, nxt
+    walk["streams"] = (prev, cur)
 
 
 def _refuse_double_backward() -> None:
