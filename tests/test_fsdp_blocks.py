@@ -69,7 +69,8 @@ def _reference(world: int) -> dict[str, torch.Tensor]:
     return total
 
 
-@pytest.mark.parametrize("world, mode, root", [(2, "reversible", True), (2, "autograd", True), (4, "reversible", True), (2, "reversible", False)])
+@pytest.mark.parametrize("world, mode, root", [
+    (2, "reversible", True), (2, "autograd", True), (4, "reversible", True), (2, "reversible", False), (2, "parallel", True)])
 def test_fsdp_per_block_gradients_equal_single_process(tmp_path, world, mode, root):
     """``root=False``: only the blocks sharded, as FSDP allows for any model; the parameters
     outside them are then not synchronised (each rank keeps its own gradient), so only the
@@ -81,13 +82,15 @@ def test_fsdp_per_block_gradients_equal_single_process(tmp_path, world, mode, ro
     for rank in range(world):
         result = torch.load(tmp_path / f"blocks_{rank}.pt")
         depth = len(_model().blocks)
-        if mode == "reversible":
+        if mode != "autograd":
             # one block gathered at a time, in the forward and in each recompute; a block's
             # gradients reduce-scattered as soon as its step is done, before the block below is rebuilt
             expected_calls = [(1, 0)] * depth + [(1, done) for done in range(depth)]
         else:  # stored activations: FSDP's hooks on each block, as for any module; no recompute
             expected_calls = [(1, 0)] * depth
-        if root:  # (each block its own FSDP root keeps itself gathered after forward, FSDP's rule for roots)
+        if mode == "parallel":  # block i-1 is rebuilt while block i's gradients are pulled: two gathered
+            assert max(gathered for gathered, _ in result["gathered"]) == 2, result["gathered"]
+        elif root:  # (each block its own FSDP root keeps itself gathered after forward, FSDP's rule for roots)
             assert result["gathered"] == expected_calls, result["gathered"]
         assert result["after"] == (0, depth)
         assert expected.keys() <= result["grads"].keys()
@@ -119,3 +122,45 @@ def test_converting_a_sharded_model_is_refused_with_the_recipe(tmp_path):
     mp.spawn(_refusals_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
     messages = torch.load(tmp_path / "refusals.pt")
     assert "blocks.0" in messages["sharded_original"] and "Convert the unsharded model first" in messages["sharded_original"]
+
+
+def _mixed_precision_worker(rank: int, port: int, out_dir: str) -> None:
+    """Per-block FSDP2 computing in float32 (reduce in float64), the reversible backward and its
+    ``"autograd"`` reference under the same policy, with exact and with float32 streams."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    fully_shard = _fully_shard()
+    # the blocks must not cast their inputs: their hooks also run when a variant is traced
+    block_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float64, cast_forward_inputs=False)
+    root_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float64)
+    results = {}
+    try:
+        images, labels = _shard(rank)
+        for streams in ("exact", "float32"):
+            for mode in ("reversible", "autograd"):
+                converted = revcompile.convert(_model(), images[:2], streams=streams)
+                revcompile.set_backward(converted, mode)
+                for block in converted.blocks:
+                    fully_shard(block, mp_policy=block_policy)
+                fully_shard(converted, mp_policy=root_policy)
+                torch.manual_seed(rank)
+                _loss(converted, images, labels).backward()
+                results[streams, mode] = {name: p.grad.full_tensor() for name, p in converted.named_parameters()}
+        torch.save(results, os.path.join(out_dir, f"mixed_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_mixed_precision_per_block_is_exact_with_exact_streams(tmp_path):
+    mp.spawn(_mixed_precision_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected = _reference(2)  # float64 throughout: what float32 compute approximates
+    for rank in range(2):
+        results = torch.load(tmp_path / f"mixed_{rank}.pt")
+        for name, grad in results["exact", "autograd"].items():
+            assert torch.equal(results["exact", "reversible"][name], grad), name  # bit for bit
+            torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)  # float32 compute
+            torch.testing.assert_close(results["float32", "reversible"][name], results["float32", "autograd"][name],
+                                       rtol=1e-4, atol=1e-6, msg=name)  # float32 streams: close, not exact
+        assert any(not torch.equal(results["float32", "reversible"][n], g) for n, g in results["float32", "autograd"].items())

@@ -9,7 +9,9 @@ segment's ``BackwardProgram`` (``revcompile.passes.schedule``) with the math of
 ``runtime.steps`` one block per node -- so autograd accumulates each block's parameter
 gradients, exactly once per backward with hooks and DDP's all-reduce, as soon as that
 block's step is done; or, in ``"autograd"``, the same coupled computation with stored
-activations -- the reference the reversible backward must reproduce.
+activations -- the reference the reversible backward must reproduce. Blocks sharded by
+FSDP2 (``fully_shard(block)``) run each as a forward of their FSDP modules
+(``runtime.sharding``), so FSDP gathers, reshards and reduce-scatters them block by block.
 """
 
 from __future__ import annotations

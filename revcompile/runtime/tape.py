@@ -7,18 +7,19 @@ done: DDP could start no all-reduce of the segment before that, and every gradie
 the segment would be held at once, a gradient-sized transient. So a segment is a chain
 of autograd nodes instead, in forward order:
 
-    _SegmentEntry(x, side...)            the whole forward without a graph; keeps nothing
-    _BlockGate(block 0's parameters)     a zero-size token in, a token out
+    _SegmentEntry(x, side...)            enters the coupling's streams; keeps nothing
+    _BlockGate(block 0's parameters)     block 0's two steps without a graph; a zero-size token in and out
     ...
-    _BlockGate(block n-1's parameters)   the exit: makes the segment's output, saves the streams
+    _BlockGate(block n-1's parameters)   the exit: the last block, the segment's output; saves the streams
 
 In backward the engine meets the gates last block first. Gate ``i`` runs the segment's
 ``BackwardProgram`` up to and including ``grad i`` and returns block ``i``'s parameter
 gradients, which autograd accumulates -- hooks and all-reduce included -- before gate
 ``i-1`` starts. The entry's backward, last, returns the input's and side inputs'
-gradients. The nodes of one forward share a ``ReconstructionTape``: what the forward
-handed to the exit, and the program run in progress with its environment. A backward
-that stops early (``torch.autograd.grad`` with respect to a late block's parameters
+gradients. The forward runs block ``i``'s steps in gate ``i`` so that a block sharded by
+FSDP2 is gathered for exactly that node (``runtime.sharding``). The nodes of one forward
+share a ``ReconstructionTape``: the forward in progress, then the backward's program run
+and its environment. A backward that stops early (``torch.autograd.grad`` with respect to a late block's parameters
 only) leaves the run unfinished; the tape drops it when the engine's graph task ends.
 """
 
