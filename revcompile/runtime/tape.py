@@ -19,8 +19,9 @@ gradients, which autograd accumulates -- hooks and all-reduce included -- before
 gradients. The forward runs block ``i``'s steps in gate ``i`` so that a block sharded by
 FSDP2 is gathered for exactly that node (``runtime.sharding``). The nodes of one forward
 share a ``ReconstructionTape``: the forward in progress, then the backward's program run
-and its environment. A backward that stops early (``torch.autograd.grad`` with respect to a late block's parameters
-only) leaves the run unfinished; the tape drops it when the engine's graph task ends.
+and its environment. A backward that stops early (``torch.autograd.grad`` with respect to
+a late block's parameters only) leaves the run unfinished; the tape drops it when the
+engine's graph task ends.
 """
 
 from __future__ import annotations
