@@ -19,6 +19,7 @@ from revcompile.inputs import check_example_inputs
 from revcompile.planner import MemoryPlan, plan_memory
 from revcompile.sketch import SketchConfig
 from revcompile.runtime import BACKWARD_MODES, ReconstructionDrift
+from revcompile.runtime.sharding import fsdp_modules
 
 __all__ = [
     "convert",
@@ -134,6 +135,12 @@ def _check_model(model) -> None:
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, ReversibleModel):
         raise ConversionError("this model is already converted; call revcompile.unconvert(model) to get the original")
+    sharded = fsdp_modules(model)
+    if sharded:
+        raise ConversionError(
+            f"{len(sharded)} modules of this model are sharded by FSDP2 ({sharded[0]}, ...). Convert the "
+            "unsharded model first, then shard the converted one: fully_shard each block, then the converted model."
+        )
 
 
 def find_converted(module: nn.Module) -> list[ReversibleModel]:

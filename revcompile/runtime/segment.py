@@ -9,7 +9,9 @@ segment's ``BackwardProgram`` (``revcompile.passes.schedule``) with the math of
 ``runtime.steps`` one block per node -- so autograd accumulates each block's parameter
 gradients, exactly once per backward with hooks and DDP's all-reduce, as soon as that
 block's step is done; or, in ``"autograd"``, the same coupled computation with stored
-activations -- the reference the reversible backward must reproduce.
+activations -- the reference the reversible backward must reproduce. Blocks sharded by
+FSDP2 (``fully_shard(block)``) run each as a forward of their FSDP modules
+(``runtime.sharding``), so FSDP gathers, reshards and reduce-scatters them block by block.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 from revcompile.passes.couplings import Coupling, RevViT, StreamArithmetic
 from revcompile.passes.rewrite import BranchProgram, SegmentProgram
 from revcompile.passes.schedule import BackwardProgram, schedule_backward
+from revcompile.runtime.sharding import BlockSharding
 from revcompile.runtime.tape import reversible_call
 
 __all__ = ["BACKWARD_MODES", "RuntimeSettings", "ReversibleSegment", "bind_graph"]
@@ -131,32 +134,38 @@ class ReversibleSegment:
         # Kept out of torch.compile: a compiled forward would draw dropout masks with
         # inductor's generator, which the eager recompute in backward cannot replay.
         params = self.parameters()
-        _refuse_sharded(self, params)
+        sharding = BlockSharding.find(self, params)
         needs_graph = torch.is_grad_enabled() and (
             x.requires_grad
             or any(p.requires_grad for p in params)
             or any(isinstance(s, torch.Tensor) and s.requires_grad for s in side)
         )
         if self.settings.mode == "autograd" or not needs_graph:
-            coupling, arith = self.settings.coupling, StreamArithmetic(self.settings.streams, x.dtype)
+            return self._run_stored(x, side, sharding)
+        return reversible_call(self, x, side, params, sharding)
+
+    def _run_stored(self, x: torch.Tensor, side: tuple, sharding: BlockSharding | None):
+        """The coupled forward with ordinary autograd (or none). Sharded blocks run each as a
+        forward of their FSDP2 modules, so that FSDP's hooks gather, reshard and reduce-scatter
+        as for any module."""
+        coupling, arith = self.settings.coupling, StreamArithmetic(self.settings.streams, x.dtype)
+        if sharding is None:
             prev, cur, _ = coupling.run(arith, x, self.branches(side), keep_residues=False)
             return coupling.leave(arith, prev, cur)
-        return reversible_call(self, x, side, params)
+        branches = self.branches(side)
+
+        def block(i: int, prev, cur):
+            for j in (2 * i, 2 * i + 1):
+                prev, cur = cur, coupling.step(arith, prev, cur, branches[j](arith.branch_input(cur)), False)[0]
+            return prev, cur
+
+        prev, cur = coupling.enter(arith, x)
+        for i in range(len(self.blocks)):
+            prev, cur = sharding.call_block(i, block, i, prev, cur)
+        return coupling.leave(arith, prev, cur)
 
 
 def _walk(module: nn.Module, path: tuple[str, ...]) -> nn.Module:
     for name in path:
         module = module._modules[name]
     return module
-
-
-def _refuse_sharded(segment: ReversibleSegment, params) -> None:
-    """FSDP that shards a module inside a segment: its parameters arrive sharded, because the
-    segment reads them directly instead of calling that module (so FSDP never gathers them)."""
-    sharded = [n for n, p in zip(segment.parameter_names, params) if type(p).__name__ == "DTensor"]
-    if sharded:
-        raise RuntimeError(
-            f"revcompile: {len(sharded)} parameters of {segment.__name__} ({sharded[0]}, ...) are sharded "
-            "by FSDP. Reversible segments read their parameters directly, so shard the converted model "
-            "as a whole -- fully_shard(converted) -- not modules inside it, or use DistributedDataParallel."
-        )
