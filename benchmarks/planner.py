@@ -120,6 +120,18 @@ def _markdown(meta: dict, rows: list[dict], uniform: dict, dp: dict, h: dict) ->
     return "\n".join(lines) + "\n"
 
 
+def _rows(plans: dict, uniform: dict, measured: dict) -> list[dict]:
+    """Per budget: the plan, its measured step, and the fastest uniform strategy that fits."""
+    rows = []
+    for budget, (_, plan) in plans.items():
+        fitting = {n: u for n, u in uniform.items() if u["peak_bytes"] <= budget}
+        best = min(fitting, key=lambda n: fitting[n]["seconds"]) if fitting else None
+        rows.append({"budget": budget, **plan.modes, **measured[f"plan {budget}"], "predicted_peak_bytes": plan.predicted_peak,
+                     "planning_seconds": plan.planning_seconds, "best_uniform": best,
+                     "best_uniform_seconds": fitting[best]["seconds"] if best else None})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=24)
@@ -148,13 +160,7 @@ def main() -> None:
     # every strategy and plan timed in the same rounds, interleaved
     measured = _measure({**strategies, **{f"plan {b}": c for b, (c, _) in plans.items()}}, args, options.rounds)
     uniform = {name: measured[name] for name in strategies}
-    rows = []
-    for budget, (_, plan) in plans.items():
-        fitting = {n: u for n, u in uniform.items() if u["peak_bytes"] <= budget}
-        best = min(fitting, key=lambda n: fitting[n]["seconds"]) if fitting else None
-        rows.append({"budget": budget, **plan.modes, **measured[f"plan {budget}"], "predicted_peak_bytes": plan.predicted_peak,
-                     "planning_seconds": plan.planning_seconds, "best_uniform": best,
-                     "best_uniform_seconds": fitting[best]["seconds"] if best else None})
+    rows = _rows(plans, uniform, measured)
     dp = _dp_seconds(model, example_inputs(model, batch_size=2))
     hierarchical = _hierarchical(options.rounds)
     meta = run_meta(depth=options.depth, batch=options.batch, rounds=options.rounds)
