@@ -165,8 +165,9 @@ def _trace_and_detect(model: nn.Module, call: CallSignature, tracer: str, traini
         plan = find_reversible_blocks(trace.graph_module, post_norm=post_norm, excluded=excluded)
         if best is None or len(plan.blocks) > len(best[1].blocks):
             best = (trace, plan)
-        if plan.blocks:
-            break
+        requested = set((excluded or {}).values())
+        if plan.blocks or (plan.skipped and all(s.reason in requested for s in plan.skipped)):
+            break  # blocks found, or every residual left alone on request (a memory plan's, say)
         notes.append(f"{name} tracing found no convertible blocks")
     if best is None:
         summary = "; ".join(str(f) for f in failures)

@@ -127,7 +127,10 @@ def test_a_budget_the_original_fits_keeps_every_block_stored():
     plan = revcompile.memory_plan(converted)
     assert plan.modes == {"stored": 4, "checkpointed": 0, "reversible": 0}
     assert plan.predicted_peak == plan.original_peak <= plan.budget
-    assert not revcompile.explain(converted).blocks
+    explained = revcompile.explain(converted)
+    assert not explained.blocks
+    assert not any("no convertible blocks" in note for note in explained.notes), explained.notes
+    assert all(skip.reason.startswith("stored: the memory plan") for skip in explained.skipped)
     torch.manual_seed(3)
     want = model(*args)
     torch.manual_seed(3)
