@@ -20,26 +20,21 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.fx as fx
 
 from revcompile.passes.plan import Block
+from revcompile.passes.rewrite import UnboundCall
 
 __all__ = ["CheckpointCall", "RegionProgram", "CheckpointRewrite", "region_problem", "rewrite_checkpointed"]
 
 
 @dataclass(frozen=True)
-class CheckpointCall:
-    """Graph-call marker for checkpointed region ``index``; runtime binding replaces it."""
+class CheckpointCall(UnboundCall):
+    """Graph-call marker for checkpointed region ``index``."""
 
-    index: int
-
-    @property
-    def __name__(self) -> str:  # fx names the call after its target
-        return f"checkpointed_region_{self.index}"
-
-    def __call__(self, *args):
-        raise RuntimeError(f"{self.__name__} is an unbound compile artifact; run the module returned by revcompile.convert")
+    kind: ClassVar[str] = "checkpointed_region"
 
 
 @dataclass(frozen=True)

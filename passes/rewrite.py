@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.fx as fx
 
@@ -30,22 +31,33 @@ from revcompile.passes.graph_view import shape_key
 from revcompile.passes.plan import Branch, Plan, Segment
 from revcompile.passes.randomness import branch_draws_random
 
-__all__ = ["SegmentCall", "BranchProgram", "BlockProgram", "SegmentProgram", "RewriteResult", "rewrite_reversible"]
+__all__ = ["UnboundCall", "SegmentCall", "BranchProgram", "BlockProgram", "SegmentProgram", "RewriteResult", "rewrite_reversible"]
 
 @dataclass(frozen=True)
-class SegmentCall:
-    """Graph-call marker for segment ``index``; runtime binding replaces it."""
+class UnboundCall:
+    """A graph-call marker: a compile artifact that runtime binding replaces with what it names.
+
+    Subclasses say what they stand for in ``kind``; the call node is named ``<kind>_<index>``.
+    """
 
     index: int
+    kind: ClassVar[str] = "unbound_call"
 
     @property
     def __name__(self) -> str:  # fx names the call after its target
-        return f"reversible_segment_{self.index}"
+        return f"{self.kind}_{self.index}"
 
     def __call__(self, *args):
         raise RuntimeError(
             f"{self.__name__} is an unbound compile artifact; run the module returned by revcompile.convert"
         )
+
+
+@dataclass(frozen=True)
+class SegmentCall(UnboundCall):
+    """Graph-call marker for reversible segment ``index``."""
+
+    kind: ClassVar[str] = "reversible_segment"
 
 
 @dataclass(frozen=True)
