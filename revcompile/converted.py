@@ -155,11 +155,17 @@ class ReversibleModel(nn.Module):
 
     def _state_key(self, call: CallSignature) -> tuple:
         leaves, spec = pytree.tree_flatten((call.positional, call.keyword))
-        # the model's own state, not the constants revcompile registered for its traces
-        modes = tuple(m.training for name, m in self.named_modules() if "_revcompile_constant_" not in name)
-        own = [t for name, t in self.named_buffers() if "_revcompile_constant_" not in name]
-        tensors = {(t.dtype, t.device) for t in (*self.parameters(), *own)}
-        return (modes, spec, tuple(_leaf_key(v) for v in leaves), frozenset(tensors))
+        # the model's own state, not the constants revcompile registered for its traces; one
+        # walk over the modules (this runs on every call, so it stays cheap)
+        modules = [m for name, m in self.named_modules() if not name.startswith("_revcompile_constant_")]
+        tensors = {
+            (t.dtype, t.device)
+            for m in modules
+            for table in (m._parameters, m._buffers)
+            for name, t in table.items()
+            if t is not None and not name.startswith("_revcompile_constant_")
+        }
+        return (tuple(m.training for m in modules), spec, tuple(_leaf_key(v) for v in leaves), frozenset(tensors))
 
     def _sync_original(self) -> None:
         """Top-level parameters and buffers may have been replaced (``.to()``): share them again."""

@@ -64,5 +64,7 @@ def autocast_as(state: dict):
         for device, (enabled, dtype) in state.items():
             if device == "cuda" and not torch.cuda.is_available():
                 continue
+            if (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) == (enabled, dtype):
+                continue  # already so (the usual case): entering it again costs Python time per block
             stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
         yield
