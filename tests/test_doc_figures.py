@@ -186,3 +186,24 @@ def test_the_checker_catches_a_wrong_figure(tmp_path):
     _check_figure("only 2.0x", text, None)
     with pytest.raises(AssertionError):
         _check_figure("only 2.1x", text, None)
+
+
+IMAGE = re.compile(r"!\[[^\]]*\]\((?P<path>[^)\s]+)\)")
+
+
+@pytest.mark.parametrize("doc", [str(d.relative_to(ROOT)) for d in DOCS])
+def test_every_picture_a_doc_shows_exists(doc):
+    path = ROOT / doc
+    missing = [m["path"] for m in IMAGE.finditer(path.read_text()) if not (path.parent / m["path"]).is_file()]
+    assert not missing, f"{doc} shows pictures that are not in the repository: {missing}"
+
+
+def test_the_planner_picture_is_drawn_from_its_results(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from planner_figure import plot
+
+    results = json.loads((RESULTS / "planner.json").read_text())
+    assert plot(results, tmp_path / "frontier.png")
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
