@@ -59,8 +59,12 @@ def _pull(branch, leaf, out, cotangent, params, side, side_leaves):
 class StepMath:
     """What ``recompute i`` and ``grad i`` compute for one backward of one segment."""
 
-    def __init__(self, segment, coupling: Coupling, arith: StreamArithmetic, side: tuple, params, rng, side_leaves, stored):
+    def __init__(self, segment, coupling: Coupling, arith: StreamArithmetic, side: tuple, params, rng, side_leaves, stored,
+                 exit_streams_owned: bool = False):
         self.segment, self.coupling, self.arith = segment, coupling, arith
+        # The exit's streams are saved on its autograd node. A backward that frees the graph
+        # may overwrite them (the last block's X2 goes over its Y2) instead of holding a third stream.
+        self.exit_streams_owned = exit_streams_owned
         self.side, self.params, self.side_leaves, self.stored = side, params, side_leaves, stored
         self.rng_log, self.devices = rng
         self.ops = {RECOMPUTE: self.recompute, GRAD: self.grad}
@@ -80,7 +84,8 @@ class StepMath:
             scratch["g inverse"] = (cur, nxt, out.detach())
             return
         y1, y2, h_g = scratch.pop("g inverse")
-        cur, nxt = self.coupling.invert(self.arith, y1, y2, h_g, residues[1]), y1
+        overwrite = self.exit_streams_owned and i == len(self.segment.blocks) - 1
+        cur, nxt = self.coupling.invert(self.arith, y1, y2, h_g, residues[1], overwrite_next=overwrite), y1
         del y2, h_g  # dead: free them before F's graph is rebuilt
         with replayed_rng(self.rng_log[step], self.devices):
             leaf, out = _rebuild(f, cur, self.side, self.arith)
@@ -95,7 +100,7 @@ class StepMath:
         d_cur, d_next = values.take(cotangent_value(i)) if branch == "g" else scratch.pop("d_between")
         leaf, out = values[graph_value(i)].pop(branch)
         pulled, param_grads, side_grads = _pull(g if branch == "g" else f, leaf, out, d_next, self.params, self.side, self.side_leaves)
-        before = self.coupling.gradient(d_cur, d_next, pulled)
+        before = self.coupling.gradient(d_cur, d_next, pulled, pulled_owned=self.arith.casts_branch_input)
         if branch == "g":
             scratch["d_between"] = before
         else:

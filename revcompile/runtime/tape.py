@@ -50,27 +50,7 @@ class ReconstructionTape:
         self.side_requires_grad = {i for i in self.side_layout[1] if side[i].requires_grad}
         self.walk: dict | None = None  # the forward in progress: streams, residues, branches, side inputs
         self.forward: dict = {}  # the forward's coupling, arithmetic, generator states, autocast, mode
-        self.final_streams: tuple | None = None  # the exit's streams, until a backward that frees the graph takes them
         self.run = None  # the backward run in progress: a _Run
-
-    def take_final_streams(self) -> tuple:
-        """The segment's final streams for a backward starting at the exit.
-
-        They are kept here rather than saved on the exit node so that a backward that frees
-        the graph (no ``retain_graph``) owns them: the backward's first block drops each
-        stream once its inverse is taken, instead of autograd holding both until the exit
-        node's step ends (two float64 streams at the backward's peak with exact streams).
-        With ``retain_graph`` the tape keeps them for the next backward.
-        """
-        if self.final_streams is None:
-            raise RuntimeError(
-                f"Trying to backward through the graph a second time: {self.segment.__name__}'s final streams were "
-                "freed by the first backward. Specify retain_graph=True when calling .backward() the first time."
-            )
-        streams = self.final_streams
-        if not _graph_kept():
-            self.final_streams = None
-        return streams
 
     def start(self, saved: tuple, grad_out: torch.Tensor) -> None:
         """A backward begins at the exit (also a second one, with ``retain_graph``)."""
@@ -100,7 +80,7 @@ class _Run:
         if residues:
             env.update({saved_value("residue", i): tuple(residues[2 * i:2 * i + 2]) for i in range(depth)})
         math = StepMath(segment, forward["coupling"], forward["arith"], side, tape.params, forward["rng"],
-                        tape.side_requires_grad, forward["stored"])
+                        tape.side_requires_grad, forward["stored"], exit_streams_owned=not _graph_kept())
         mode, timing = backward_mode(forward["mode"], segment.auto_choices, cur, forward["autocast"])
         program = segment.backward_program(mode, forward["coupling"])
         self.autocast = forward["autocast"]
@@ -213,8 +193,8 @@ class _BlockGate(torch.autograd.Function):
         walk, coupling = tape.walk, tape.forward["coupling"]
         prev, cur = walk["streams"]
         kept = walk["residues"] if coupling.saves_per_step else []  # e.g. the dual coupling's packed remainder bits
-        ctx.save_for_backward(*(walk["side"][k] for k in tape.side_layout[1]), *kept)
-        tape.final_streams, tape.walk = (prev, cur), None
+        ctx.save_for_backward(prev, cur, *(walk["side"][k] for k in tape.side_layout[1]), *kept)
+        tape.walk = None
         return coupling.leave(tape.forward["arith"], prev, cur)
 
     @staticmethod
@@ -222,7 +202,7 @@ class _BlockGate(torch.autograd.Function):
         _refuse_double_backward()
         tape: ReconstructionTape = ctx.tape
         if ctx.exit:
-            tape.start((*tape.take_final_streams(), *ctx.saved_tensors), grad)
+            tape.start(ctx.saved_tensors, grad)
             grad = grad.new_empty(0)
         if tape.run is None:  # gates are reached only through the exit, which starts a run
             raise RuntimeError(f"revcompile internal error: block {ctx.block}'s gradient step of "
