@@ -57,12 +57,18 @@ def target_ratios(rows: list[dict]) -> list[str]:
 
 def handwritten_table(rows: list[dict]) -> list[str]:
     """Step time against the hand-written Rev-ViT and per-block checkpointing, and saved bytes."""
-    lines = ["| variant | step (ms) | vs hand-written Rev-ViT | vs checkpoint | vs original | saved (MiB) | peak (MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    held = any("held_bytes" in r for r in rows)  # results from before this column have no such key
+    lines = ["| variant | step (ms) | vs hand-written Rev-ViT | vs checkpoint | vs original | saved (MiB) | "
+             + ("held after forward (MiB) | " if held else "") + "peak (MiB) |",
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if held else "") + "---:|"]
     for r in rows:
+        if "unavailable" in r:
+            lines.append(f"| {r['variant']} | {r['unavailable']} | - | - | - | - |" + (" - |" if held else "") + " - |")
+            continue
         ratios = [f"{r[f'vs {v}']:.3f}x" for v in ("hand-written Rev-ViT", "checkpoint", "original")]
         lines.append(f"| {r['variant']} | {r['seconds'] * 1e3:,.1f} | " + " | ".join(ratios)
-                     + f" | {_mib(r.get('saved_bytes'))} | {_mib(r.get('peak_bytes'))} |")
+                     + f" | {_mib(r.get('saved_bytes'))} |" + (f" {_mib(r.get('held_bytes'))} |" if held else "")
+                     + f" {_mib(r.get('peak_bytes'))} |")
     return lines
 
 

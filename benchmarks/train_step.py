@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import platform
 import statistics
@@ -37,7 +38,7 @@ from train_models import ALL_MODELS, DEEP_MODEL, MODELS, Workload
 from train_report import markdown, plot
 
 import revcompile
-from revcompile.measure import HeapPeak, saved_for_backward
+from revcompile.measure import HeapPeak, live_heap_bytes, saved_for_backward
 
 CONVERTED = ("autograd", "reversible", "parallel", "auto")
 # The hand-written comparison: the reference ViT at width 384, depth 12, 65 tokens, batch 8,
@@ -205,11 +206,14 @@ def depth_rows(bench: Bench, size: str) -> list[dict]:
     return rows
 
 
-def handwritten_rows(bench: Bench, notes: list[str], qkv: str = "unbind") -> list[dict]:
+def handwritten_rows(bench: Bench, notes: list[str], qkv: str = "unbind", peers: bool = False) -> list[dict]:
     """The converted reference ViT (exact and float32 streams) against a hand-written Rev-ViT of the
     same function and per-block checkpointing, timed in one rotation, with saved bytes beside.
-    ``qkv="unpack"``: its attention unpacks ``q, k, v = qkv`` instead of calling unbind."""
+    ``qkv="unpack"``: its attention unpacks ``q, k, v = qkv`` instead of calling unbind. ``peers``:
+    the same function built with revlib and memcnn too (``peer_revvit.py``); a peer that is not
+    installed or fails gets a row saying why."""
     from handwritten_revvit import HandwrittenRevViT, unpack_qkv
+    from peer_revvit import peer_models
 
     from revcompile.reference import reference_vit
 
@@ -226,21 +230,46 @@ def handwritten_rows(bench: Bench, notes: list[str], qkv: str = "unbind") -> lis
               "hand-written Rev-ViT": (HandwrittenRevViT(original), None)}
     for streams in ("exact", "float32"):
         models[f"converted, {streams} streams"] = (revcompile.convert(original, example, streams=streams), None)
+    missing = {}
+    if peers:
+        for name, peer in peer_models(original, *example).items():
+            if isinstance(peer, str):
+                missing[name] = peer
+            else:
+                models[name] = (peer, None)
     notes.append(_same_function(models, workload, bench.device))
     args, _, _ = workload.make_batch(shape["batch"], bench.device)
     results = bench.compare(models, workload, shape["batch"])
-    rows = []
+    rows = [{"variant": name, "batch": shape["batch"], "qkv": qkv, "unavailable": reason} for name, reason in missing.items()]
     for variant, result in results.items():
         model = models[variant][0]
         result["samples"] = bench.samples[variant]
         _, saved = saved_for_backward(lambda: model(*args), model)
+        held = _held_after_forward(model, args)
         # the median over rounds of this variant's time over the other's in the same round
         paired = {f"vs {other}": statistics.median(a / b for a, b in zip(result["samples"], bench.samples[other]))
                   for other in ("hand-written Rev-ViT", "checkpoint", "original")}
-        rows.append({"variant": variant, "batch": shape["batch"], "qkv": qkv, **result, **paired, "saved_bytes": saved.bytes})
+        rows.append({"variant": variant, "batch": shape["batch"], "qkv": qkv, **result, **paired, "saved_bytes": saved.bytes,
+                     "held_bytes": held})
         print(f"{variant:28s} {result['seconds'] * 1e3:8.1f} ms  {paired['vs hand-written Rev-ViT']:.3f}x hand-written  "
               f"saved {saved.bytes / 2**20:6.1f} MiB", flush=True)
     return rows
+
+
+def _held_after_forward(model, args: tuple) -> int | None:
+    """Live-heap bytes a training forward leaves alive for backward (its output included).
+
+    Saved-tensor hooks see only what a Function saves with ``save_for_backward``; revlib passes
+    its streams along as node outputs and memcnn keeps them as attributes of its Function's
+    context, which the hooks cannot see. What the forward leaves allocated counts them all.
+    """
+    gc.collect()
+    before = live_heap_bytes()
+    output = model(*args)
+    gc.collect()
+    after = live_heap_bytes()
+    del output
+    return None if before is None else after - before
 
 
 def _image_batches(side: int):
@@ -253,13 +282,15 @@ def _image_batches(side: int):
 
 
 def _same_function(models: dict, workload: Workload, device: str) -> str:
-    """How far apart the hand-written and the converted (float32 streams) outputs are: a check
-    that the comparison is between two implementations of one function."""
+    """How far the converted (float32 streams) and the peers' outputs are from the hand-written
+    one's: a check that the comparison is between implementations of one function."""
     (images,), _, _ = workload.make_batch(2, device)
+    others = ["converted, float32 streams"] + [name for name in models if name in ("revlib", "memcnn")]
     with torch.no_grad():
-        a = models["hand-written Rev-ViT"][0](images)
-        b = models["converted, float32 streams"][0](images)
-    return f"hand-written vs converted (float32 streams) logits: max |difference| {float((a - b).abs().max()):.1e}"
+        reference = models["hand-written Rev-ViT"][0](images)
+        gaps = {name: float((models[name][0](images) - reference).abs().max()) for name in others}
+    shown = ", ".join(f"{name.removeprefix('converted, ')} {gap:.1e}" for name, gap in gaps.items())
+    return f"logits against the hand-written Rev-ViT's, max |difference|: {shown}"
 
 
 def largest_batch(fits, limit: int) -> int:
@@ -306,6 +337,8 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "depth", "max-batch", "handwritten"])
     parser.add_argument("--qkv", choices=["unbind", "unpack"], default="unbind",
                         help="handwritten part: the attention calls unbind, or unpacks q, k, v = qkv")
+    parser.add_argument("--peers", action="store_true",
+                        help="handwritten part: also revlib's and memcnn's Rev-ViT (pip install -e '.[peers]')")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="time steps by the wall clock or by this process's CPU time (CPU only)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -330,7 +363,7 @@ def main() -> None:
     if "max-batch" not in args.skip:
         results["max_batch"] = max_batch_rows(bench, size, cap, args.batch_limit)
     if "handwritten" not in args.skip:
-        results["handwritten"] = handwritten_rows(bench, notes, args.qkv)
+        results["handwritten"] = handwritten_rows(bench, notes, args.qkv, args.peers)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "_".join(filter(None, ["train_step", args.device, args.tag]))
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -164,12 +164,21 @@ class StreamArithmetic:
             return value.add_(stream)
         return stream + value
 
-    def subtract_branch(self, stream: torch.Tensor, branch_output: torch.Tensor) -> torch.Tensor:
-        """``stream - on_stream(branch_output)``, the inverse of ``add_branch``."""
+    def subtract_branch(self, stream: torch.Tensor, branch_output: torch.Tensor, *, into_stream: bool = False) -> torch.Tensor:
+        """``stream - on_stream(branch_output)``, the inverse of ``add_branch``. ``into_stream``
+        (no graph recorded; the caller owns ``stream`` and needs it no more) writes the result
+        over ``stream``: the same values, without a second stream alive."""
         value = self.on_stream(branch_output)
+        if into_stream:
+            return stream.sub_(value)
         if self.exact and not (value.requires_grad or stream.requires_grad):
             return torch.sub(stream, value, out=value)
         return stream - value
+
+    @property
+    def casts_branch_input(self) -> bool:
+        """Whether branches read a cast copy of a stream (so a stream's pulled-back cotangent is a new tensor)."""
+        return self.stream_dtype not in (None, self.model_dtype)
 
     def floor_shift(self, stream: torch.Tensor, k: int) -> torch.Tensor:
         """``2**-k * stream`` rounded down onto the grid (exact streams only)."""
@@ -263,14 +272,17 @@ class Coupling:
         """``(next, residue)``: the new stream and what the inverse needs besides ``cur``, ``next``, ``h``."""
         raise NotImplementedError
 
-    def invert(self, arith: StreamArithmetic, cur, nxt, h, residue):
-        """``prev`` from ``cur``, ``next`` and the recomputed ``h`` (detached)."""
+    def invert(self, arith: StreamArithmetic, cur, nxt, h, residue, *, overwrite_next: bool = False):
+        """``prev`` from ``cur``, ``next`` and the recomputed ``h`` (detached). ``overwrite_next``:
+        the caller owns ``next`` and needs it no more, so ``prev`` may be written over it."""
         raise NotImplementedError
 
-    def gradient(self, d_cur, d_next, pulled):
-        """Cotangents of ``(prev, cur)`` from those of ``(cur, next)``; ``pulled`` = J_h^T d_next."""
+    def gradient(self, d_cur, d_next, pulled, *, pulled_owned: bool = False):
+        """Cotangents of ``(prev, cur)`` from those of ``(cur, next)``; ``pulled`` = J_h^T d_next.
+        ``pulled_owned``: nothing else refers to ``pulled``, so the sum may be taken in it."""
         d_prev = d_next if self.beta == 1.0 else d_next * self.beta
-        d_cur = d_cur if pulled is None else d_cur + pulled
+        if pulled is not None:
+            d_cur = pulled.add_(d_cur) if pulled_owned else d_cur + pulled
         if self.alpha:
             d_cur = d_cur + d_next * self.alpha
         return d_prev, d_cur
@@ -317,8 +329,8 @@ class RevViT(Coupling):
     def step(self, arith, prev, cur, h, keep_residue=True):
         return arith.add_branch(prev, h), None
 
-    def invert(self, arith, cur, nxt, h, residue):
-        return arith.subtract_branch(nxt, h)
+    def invert(self, arith, cur, nxt, h, residue, *, overwrite_next=False):
+        return arith.subtract_branch(nxt, h, into_stream=overwrite_next)
 
     def leave(self, arith, prev, cur):
         fused = prev + cur
@@ -391,7 +403,7 @@ class DualResidual(Coupling):
             dropped = (prev - shifted.detach() * 2.0**self.k) * _GRID  # integers in [0, 2**k)
             return nxt, pack_bits(dropped, self.k)
 
-    def invert(self, arith, cur, nxt, h, residue):
+    def invert(self, arith, cur, nxt, h, residue, *, overwrite_next=False):
         shifted = nxt - self._alpha_part(arith, cur) - arith.on_stream(h)
         dropped = unpack_bits(residue, self.k, cur).to(torch.float64) / _GRID
         return shifted * 2.0**self.k + dropped

@@ -154,6 +154,9 @@ class _LoggedValues:
     def get(self, name, default=None):
         return self._read(name, self.values.get(name, default))
 
+    def take(self, name):
+        return self._read(name, self.values.take(name))
+
     def __setitem__(self, name, value):
         self.values[name] = value
         self.log.append(("write", self.stream, name))

@@ -13,6 +13,7 @@ import torch
 
 import revcompile
 from revcompile.reference import reference_vit
+from revcompile.simulate import LiveTensorBytes
 from tests.conftest import perturb_parameters, relative_error, zero_level
 
 DEPTH = 4
@@ -117,3 +118,31 @@ def test_accumulation_and_frozen_blocks_match_stored_activations():
     got = _grads_in("reversible", run)
     assert [n for n, g in zip(names, got) if g is None] == [n for n in names if _block_of(n) == 1]
     _compare(got, reference, names)
+
+
+class _Float64Bytes(LiveTensorBytes):
+    """Live bytes of float64 storages only: with exact streams on a float32 model, the streams and their cotangents."""
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        if tensor.dtype == torch.float64:
+            super()._track(tensor)
+
+
+def test_exact_backward_holds_no_dead_streams_or_cotangents():
+    """A block's output streams are freed once its inputs are rebuilt and its output cotangents once
+    they are pulled back, not when the block's step ends; the last block's X2 overwrites the exit's
+    saved Y2 when the backward frees the graph; a pulled cotangent is summed in place. So at most six
+    stream-sized float64 tensors are alive at once (the last block: its saved Y1, X2 over Y2, X1, two
+    cotangents, a pulled one); holding the dead ones made it nine."""
+    torch.manual_seed(0)
+    model = reference_vit(depth=DEPTH, dim=32, heads=2, num_classes=4)
+    x = torch.randn(3, 3, 32, 32)
+    converted = revcompile.convert(model, x[:2], streams="exact")
+    stream_bytes = 3 * (model.pos_embed.shape[1]) * 32 * 8
+    converted(x).square().sum().backward()  # warm-up
+    counter = _Float64Bytes()
+    with counter:
+        converted(x).square().sum().backward()
+    assert counter.peak > 4 * stream_bytes  # the count sees the streams at all
+    assert counter.peak <= 6 * stream_bytes, counter.peak / stream_bytes
+

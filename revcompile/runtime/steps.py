@@ -59,35 +59,48 @@ def _pull(branch, leaf, out, cotangent, params, side, side_leaves):
 class StepMath:
     """What ``recompute i`` and ``grad i`` compute for one backward of one segment."""
 
-    def __init__(self, segment, coupling: Coupling, arith: StreamArithmetic, side: tuple, params, rng, side_leaves, stored):
+    def __init__(self, segment, coupling: Coupling, arith: StreamArithmetic, side: tuple, params, rng, side_leaves, stored,
+                 exit_streams_owned: bool = False):
         self.segment, self.coupling, self.arith = segment, coupling, arith
+        # The exit's streams are saved on its autograd node. A backward that frees the graph
+        # may overwrite them (the last block's X2 goes over its Y2) instead of holding a third stream.
+        self.exit_streams_owned = exit_streams_owned
         self.side, self.params, self.side_leaves, self.stored = side, params, side_leaves, stored
         self.rng_log, self.devices = rng
         self.ops = {RECOMPUTE: self.recompute, GRAD: self.grad}
 
     def recompute(self, i: int, branch: str, values, scratch: dict) -> None:
+        """Rebuild one branch of block ``i``. G's inverse is taken only when F's recompute
+        starts, after ``grad i``'s G (which runs between the two in the sequential program):
+        G's gradient then runs with block ``i``'s input stream X2 not yet allocated."""
         step = 2 * i + (branch == "g")
         f, g = self.segment.blocks[i]
-        cur, nxt = values[streams_value(i)] if branch == "g" else scratch.pop("between")
-        with replayed_rng(self.rng_log[step], self.devices):
-            leaf, out = _rebuild(g if branch == "g" else f, cur, self.side, self.arith)
         residues = values[saved_value("residue", i)] if self.coupling.saves_per_step else (None, None)
-        prev = self.coupling.invert(self.arith, cur, nxt, out.detach(), residues[branch == "g"])
         if branch == "g":
+            cur, nxt = values.take(streams_value(i))
+            with replayed_rng(self.rng_log[step], self.devices):
+                leaf, out = _rebuild(g, cur, self.side, self.arith)
             values[graph_value(i)] = {"g": (leaf, out)}
-            scratch["between"] = (prev, cur)
+            scratch["g inverse"] = (cur, nxt, out.detach())
             return
+        y1, y2, h_g = scratch.pop("g inverse")
+        overwrite = self.exit_streams_owned and i == len(self.segment.blocks) - 1
+        cur, nxt = self.coupling.invert(self.arith, y1, y2, h_g, residues[1], overwrite_next=overwrite), y1
+        del y2, h_g  # dead: free them before F's graph is rebuilt
+        with replayed_rng(self.rng_log[step], self.devices):
+            leaf, out = _rebuild(f, cur, self.side, self.arith)
         values[graph_value(i)]["f"] = (leaf, out)
+        prev = self.coupling.invert(self.arith, cur, nxt, out.detach(), residues[0])
         values[streams_value(i - 1)] = (prev, cur)
         if self.stored is not None:
             self._record_drift(i, (prev, cur), self.stored[i])
 
     def grad(self, i: int, branch: str, values, scratch: dict) -> None:
         f, g = self.segment.blocks[i]
-        d_cur, d_next = values[cotangent_value(i)] if branch == "g" else scratch.pop("d_between")
+        d_cur, d_next = values.take(cotangent_value(i)) if branch == "g" else scratch.pop("d_between")
         leaf, out = values[graph_value(i)].pop(branch)
         pulled, param_grads, side_grads = _pull(g if branch == "g" else f, leaf, out, d_next, self.params, self.side, self.side_leaves)
-        before = self.coupling.gradient(d_cur, d_next, pulled)
+        before = self.coupling.gradient(d_cur, d_next, pulled, pulled_owned=self.arith.casts_branch_input)
         if branch == "g":
             scratch["d_between"] = before
         else:

@@ -80,7 +80,7 @@ class _Run:
         if residues:
             env.update({saved_value("residue", i): tuple(residues[2 * i:2 * i + 2]) for i in range(depth)})
         math = StepMath(segment, forward["coupling"], forward["arith"], side, tape.params, forward["rng"],
-                        tape.side_requires_grad, forward["stored"])
+                        tape.side_requires_grad, forward["stored"], exit_streams_owned=not _graph_kept())
         mode, timing = backward_mode(forward["mode"], segment.auto_choices, cur, forward["autocast"])
         program = segment.backward_program(mode, forward["coupling"])
         self.autocast = forward["autocast"]
@@ -100,6 +100,12 @@ class _Run:
     def close(self) -> None:
         self.timing.close()
         self.program_run = None
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph``); True where torch cannot say."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep_graph is None else bool(keep_graph())
 
 
 def _gathering_ops(ops: dict, sharding) -> dict:
