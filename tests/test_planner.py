@@ -19,7 +19,7 @@ import torch
 import revcompile
 from revcompile.budget import ReportError
 from revcompile.passes.couplings import make_coupling
-from revcompile.passes.recompute import MAX_CHECKPOINT_RUN, BlockCost, Region, chain_cost, plan_chain
+from revcompile.passes.recompute import MAX_CHECKPOINT_RUN, BlockCost, GapCost, GapOption, Region, chain_cost, plan_chain
 from revcompile.pipeline import BlockModes
 from revcompile.planner import build_planned
 from revcompile.reference import example_inputs, reference_vit
@@ -80,6 +80,47 @@ def test_the_chain_dp_finds_the_brute_force_optimum(seed):
         assert found is not None and found.peak <= budget
         assert found.extra_flops == pytest.approx(min(fitting))
         assert _allowed(chain, found.regions)
+
+
+def _random_gaps(rng: random.Random, n: int) -> tuple[GapCost, ...]:
+    """Gaps at a few positions (before the first block .. after the last), one to three options each."""
+    positions = sorted(rng.sample(range(n + 1), min(n + 1, rng.randint(1, 3))))
+    return tuple(
+        GapCost(f"gap{p}", p, tuple(GapOption(rng.randint(0, 40), rng.randint(0, 30), float(rng.randint(0, 6) if j else 0))
+                                    for j in range(rng.randint(1, 3))))
+        for p in positions
+    )
+
+
+def _with_gaps(regions, gaps, choice):
+    """``regions`` with gap g's option ``choice[g]`` inserted where it sits in the chain."""
+    out, pending = [], list(enumerate(gaps))
+    for region in regions:
+        while pending and pending[0][1].position <= region.blocks[0]:
+            g, _ = pending.pop(0)
+            out.append(Region("gap", (), g, choice[g]))
+        out.append(region)
+    return (*out, *(Region("gap", (), g, choice[g]) for g, _ in pending))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_chain_dp_with_gaps_between_blocks_finds_the_brute_force_optimum(seed):
+    rng = random.Random(100 + seed)
+    chain = _random_chain(rng, rng.randint(1, 4))
+    gaps = _random_gaps(rng, len(chain))
+    choices = list(itertools.product(*(range(len(g.options)) for g in gaps)))
+    plans = [chain_cost(chain, _with_gaps(regions, gaps, c), 7, gaps)
+             for regions in _partitions(len(chain)) if _allowed(chain, regions) for c in choices]
+    peaks = sorted({p.peak for p in plans})
+    for budget in [peaks[0] - 1, *rng.sample(peaks, min(5, len(peaks))), peaks[-1]]:
+        fitting = [p.extra_flops for p in plans if p.peak <= budget]
+        found = plan_chain(chain, budget, 7, gaps)
+        if not fitting:
+            assert found is None
+            continue
+        assert found is not None and found.peak <= budget
+        assert found.extra_flops == pytest.approx(min(fitting))
+        assert sorted(found.gap_options()) == list(range(len(gaps)))
 
 
 def test_recompute_never_rises_with_the_budget_and_vanishes_when_everything_fits():
