@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["REVERSIBLE_OVERHEAD", "MAX_CHECKPOINT_RUN", "MODES", "BlockCost", "GapOption", "GapCost", "Region", "ChainPlan",
-           "chain_cost", "plan_chain"]
+           "chain_cost", "uniform_plan", "plan_chain"]
 
 # A reversible block's recompute costs its forward plus the streams' arithmetic (rounding
 # onto the grid, casts): ~10% over a checkpointed block's recompute on CPU (docs/benchmarks.md).
@@ -139,6 +139,16 @@ def chain_cost(chain: tuple[BlockCost, ...], regions: tuple[Region, ...], revers
         kept += k
         flops += f
     return ChainPlan(tuple(regions), max(peak, kept), kept, flops)
+
+
+def uniform_plan(chain: tuple[BlockCost, ...], mode: str, reversible_working: int = 0, gaps: tuple[GapCost, ...] = ()) -> ChainPlan:
+    """Every block in ``mode``, every gap stored."""
+    regions: list[Region] = []
+    for i in range(len(chain) + 1):
+        regions += [Region("gap", (), g) for g, gap in enumerate(gaps) if gap.position == i]
+        if i < len(chain):
+            regions.append(Region(mode, (i,)))
+    return chain_cost(chain, tuple(regions), reversible_working, gaps)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from revcompile.budget import ReportError
 from revcompile.passes.couplings import make_coupling
 from revcompile.passes.recompute import MAX_CHECKPOINT_RUN, BlockCost, GapCost, GapOption, Region, chain_cost, plan_chain
 from revcompile.pipeline import BlockModes
-from revcompile.planner import build_planned
+from revcompile.planner import _chain_costs, build_planned
 from revcompile.reference import example_inputs, reference_vit
 from revcompile.simulate import tensor_peak
 from tests.conftest import gradients, relative_error, zero_level
@@ -138,17 +138,9 @@ def _vit(depth=6, dtype=torch.float64):
     return model, example_inputs(model, batch_size=2, dtype=dtype)
 
 
-@pytest.mark.parametrize("coupling", ["revvit", "dual"])
-def test_stored_checkpointed_and_reversible_blocks_in_one_model_have_exact_gradients(coupling):
-    model, args = _vit()
-    build = lambda modes: build_planned(  # noqa: E731
-        model, args, {}, tracer="auto", coupling=make_coupling(coupling), post_norm="skip", streams="exact", block_modes=modes
-    )
-    mixed = build(BlockModes(stored=("blocks.0",), checkpointed=(("blocks.2", "blocks.3"),)))
-    reference = build(BlockModes(stored=("blocks.0", "blocks.2", "blocks.3")))
-    assert len(mixed.reversible_variants[0].regions) == 1
-    assert [b.name for b in revcompile.explain(mixed).blocks] == ["blocks.1", "blocks.4", "blocks.5"]
-    got, out = gradients(mixed, args, mode="reversible")
+def _assert_same_gradients(model, reference, args):
+    """``model`` (reversible mode) has ``reference``'s outputs and gradients (autograd), every parameter and the input."""
+    got, out = gradients(model, args, mode="reversible")
     want, ref_out = gradients(reference, args, mode="autograd")
     assert all(torch.equal(a, b) for a, b in zip(out, ref_out))
     floor = zero_level(want.values(), torch.float64)
@@ -159,7 +151,38 @@ def test_stored_checkpointed_and_reversible_blocks_in_one_model_have_exact_gradi
             continue
         assert relative_error(got[name], ref) <= 1e-10, name
         checked += 1
-    assert checked > 0.9 * len(want)
+    assert checked > 0.9 * len(want) and "input 0" in want
+
+
+def _builder(model, args, coupling="revvit"):
+    return lambda modes: build_planned(  # noqa: E731
+        model, args, {}, tracer="auto", coupling=make_coupling(coupling), post_norm="skip", streams="exact", block_modes=modes
+    )
+
+
+@pytest.mark.parametrize("coupling", ["revvit", "dual"])
+def test_stored_checkpointed_and_reversible_blocks_in_one_model_have_exact_gradients(coupling):
+    model, args = _vit()
+    build = _builder(model, args, coupling)
+    mixed = build(BlockModes(stored=("blocks.0",), checkpointed=(("blocks.2", "blocks.3"),)))
+    reference = build(BlockModes(stored=("blocks.0", "blocks.2", "blocks.3")))
+    assert len(mixed.reversible_variants[0].regions) == 1
+    assert [b.name for b in revcompile.explain(mixed).blocks] == ["blocks.1", "blocks.4", "blocks.5"]
+    _assert_same_gradients(mixed, reference, args)
+
+
+def test_recomputed_parts_between_blocks_keep_gradients_exact():
+    """The stem and the head recomputed (every cut their lower-set options offer), blocks mixed."""
+    model, args = _vit()
+    build = _builder(model, args)
+    _, gaps, _ = _chain_costs(build(None), args, {}, make_coupling("revvit"), "exact")
+    assert [g.position for g in gaps] == [0, 6]  # before the first block, after the last
+    cuts = tuple(nodes for gap in gaps for nodes in max(gap.options, key=lambda o: len(o.recomputed)).recomputed)
+    assert len(cuts) >= 2
+    mixed = build(BlockModes(stored=("blocks.0",), checkpointed=(("blocks.2",),), recomputed=cuts))
+    assert len(mixed.reversible_variants[0].regions) == 1 + len(cuts)
+    reference = build(BlockModes(stored=("blocks.0", "blocks.2")))
+    _assert_same_gradients(mixed, reference, args)
 
 
 def test_a_budget_the_original_fits_keeps_every_block_stored():
