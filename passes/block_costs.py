@@ -59,7 +59,8 @@ def _interpret(root: nn.Module, gm: fx.GraphModule, inputs: Sequence, wanted: se
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     parameters = {name: mode.from_tensor(p) for name, p in root.named_parameters(remove_duplicate=False)}
     buffers = {name: mode.from_tensor(b) for name, b in root.named_buffers(remove_duplicate=False)}
-    ledger = _SavedLedger({p.untyped_storage()._cdata for p in parameters.values()})
+    # parameters and buffers exist before the step: saving them costs nothing
+    ledger = _SavedLedger({t.untyped_storage()._cdata for t in (*parameters.values(), *buffers.values())})
     devices = sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
     counter = FlopCounterMode(display=False)
     with torch.random.fork_rng(devices=devices), mode, _reparametrize_module(root, {**parameters, **buffers}):

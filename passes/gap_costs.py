@@ -13,6 +13,11 @@ region, ``revcompile.passes.checkpoint.node_cut``) when exactly one of its value
 outside it, none of its ops writes in place, and it saves something. Values a recomputed
 set reads from the model's inputs cost nothing to keep (the caller holds them); values
 read from a block or another gap cost their storage.
+
+A node's time is its FLOPs (``torch.utils.flop_counter``, which counts matmuls and
+convolutions) plus the bytes of its value: norms, reshapes and elementwise ops count no
+FLOPs but are not free to run again (on a CPU about one byte moved per FLOP's time), and
+without this every such recompute would look free.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ def _cost_graph(nodes: list[fx.Node], saved: dict[str, int], flops: dict[str, in
                 external[arg.name] = 0 if arg.op == "placeholder" else storage.get(arg.name, 0)
             inputs.append(arg.name)
         cost_nodes.append(CostNode(node.name, saved.get(node.name, 0), storage.get(node.name, 0),
-                                   float(flops.get(node.name, 0)), tuple(dict.fromkeys(inputs))))
+                                   float(flops.get(node.name, 0) + storage.get(node.name, 0)), tuple(dict.fromkeys(inputs))))
     return Gap(
         position=-1,
         cost=CostGraph(tuple(cost_nodes), tuple(external.items())),

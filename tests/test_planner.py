@@ -23,7 +23,7 @@ from revcompile.passes.recompute import MAX_CHECKPOINT_RUN, BlockCost, GapCost, 
 from revcompile.pipeline import BlockModes
 from revcompile.planner import _chain_costs, build_planned
 from revcompile.reference import example_inputs, reference_vit
-from revcompile.simulate import tensor_peak
+from revcompile.simulate import simulate_step_peak, tensor_peak
 from tests.conftest import gradients, relative_error, zero_level
 
 
@@ -228,3 +228,37 @@ def test_between_the_extremes_the_measured_step_stays_within_the_budget():
         assert plan.predicted_peak == measured
         seen.add(tuple(sorted(m for m, n in plan.modes.items() if n)))
     assert any(len(modes) > 1 for modes in seen), f"every plan was uniform: {seen}"
+
+
+def _small_swin(dtype=torch.float32, batch=2):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=(2, 2),
+                              num_heads=(1, 2), img_size=56, num_classes=4, drop_rate=0.1, drop_path_rate=0.0).to(dtype)
+    return model, (torch.randn(batch, 3, 56, 56, dtype=dtype),)
+
+
+def _swin_cuts(model, args):
+    """Every cut the Swin's gaps offer in their most-recomputing options: stem, patch merging, head."""
+    build = _builder(model, args)
+    _, gaps, _ = _chain_costs(build(None), args, {}, make_coupling("revvit"), "exact")
+    cuts = tuple(nodes for gap in gaps for nodes in max(gap.options, key=lambda o: o.kept and -o.kept).recomputed)
+    assert any(any("downsample" in n for n in nodes) for nodes in cuts), cuts
+    return build, cuts
+
+
+def test_a_swin_with_its_stage_transition_recomputed_keeps_gradients_exact():
+    model, args = _small_swin(torch.float64)
+    build, cuts = _swin_cuts(model, args)
+    mixed = build(BlockModes(stored=("layers.0.blocks.0",), checkpointed=(("layers.1.blocks.0",),), recomputed=cuts))
+    reference = build(BlockModes(stored=("layers.0.blocks.0", "layers.1.blocks.0")))
+    _assert_same_gradients(mixed, reference, args)
+
+
+def test_a_swin_with_its_stage_transition_recomputed_is_simulated_byte_exactly():
+    model, args = _small_swin(batch=4)
+    build, cuts = _swin_cuts(model, args)
+    for modes in (BlockModes(recomputed=cuts), BlockModes(checkpointed=(("layers.0.blocks.0", "layers.0.blocks.1"),), recomputed=cuts)):
+        converted = build(modes)
+        assert simulate_step_peak(converted, args).peak_bytes == tensor_peak(converted, args)
