@@ -208,6 +208,9 @@ def _print_capacity(console: Console, report) -> None:
     table.add_row("reserve (CUDA context, fragmentation)", format_bytes(state.reserve), "same")
     table.add_row("activations per sample (predicted peak)", format_bytes(cap.per_sample_original), format_bytes(cap.per_sample_converted))
     table.add_row("[bold]largest batch[/bold]", f"[bold]{cap.original:,}[/bold]", f"[bold green]{cap.converted:,}[/bold green]")
+    if cap.planned is not None:
+        table.add_row("largest batch with a memory plan (stored / checkpointed / reversible per block)", "",
+                      f"[bold green]{cap.planned:,}[/bold green]")
     console.print(table)
 
 
@@ -218,6 +221,8 @@ def _headline(report) -> str:
     if cap is not None:
         gain = f" ({cap.gain:.1f}x)" if cap.gain else " (the original does not fit at all)"
         line += f"; under {format_bytes(cap.memory_cap)} the predicted largest batch goes from {cap.original:,} to [bold green]{cap.converted:,}[/bold green]{gain}"
+        if cap.planned is not None and cap.planned > cap.converted:
+            line += f", {cap.planned:,} with a memory plan"
     return line + "."
 
 

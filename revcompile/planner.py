@@ -123,13 +123,14 @@ def _modes_of(chain: tuple[BlockCost, ...], gaps: tuple[GapCost, ...], plan: Cha
 
 def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs: dict | None = None, *,
                 tracer: str = "auto", coupling: Coupling | None = None, post_norm: str = "skip",
-                streams: str = "exact") -> MemoryPlan:
+                streams: str = "exact", between_blocks: bool = True) -> MemoryPlan:
     """The plan with the least recompute whose simulated step peak is within ``budget``.
 
     ``budget``: bytes, or a string with units (``"6GiB"``), for the step's activations and
     working memory above parameters and gradients. Raises ``ReportError`` naming the
     smallest budget that can be met when none fits, ``ConversionError`` when the model
-    does not convert.
+    does not convert. ``between_blocks=False`` plans the blocks only (the graph between
+    them stored, as before regions were planned: for comparison).
     """
     from revcompile.passes.couplings import RevViT
 
@@ -142,6 +143,7 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
                                         post_norm=post_norm, streams=streams, block_modes=modes)
     reversible = build(None)
     chain, gaps, step_flops = _chain_costs(reversible, args, kwargs, coupling, streams)
+    gaps = gaps if between_blocks else ()
     tracer = reversible.reversible_plan.tracer
     original_peak = simulate_step_peak(model, args, kwargs).peak_bytes
     everything = lambda mode: ((name.name, mode) for name in chain)  # noqa: E731
