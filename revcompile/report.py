@@ -372,7 +372,7 @@ def memory_report(
     optimizer: str = "adamw",
     reserve: int | str = DEFAULT_RESERVE,
     progress=None,
-    planned_batch: bool = True,
+    planned_batch: bool = False,
 ) -> MemoryReport:
     """Measure and predict the memory of one training step of ``model`` and of its conversion.
 
@@ -381,7 +381,8 @@ def memory_report(
     ``memory_cap`` (bytes or ``"16GiB"``): also find the largest batch that fits, with
     ``optimizer``'s state (one of ``OPTIMIZER_STATE``) and ``reserve`` bytes set aside.
     ``progress``: called with a short description as each stage starts. ``planned_batch``:
-    with a cap, also the largest batch some memory plan fits (``BatchCapacity.planned``).
+    with a cap, also the largest batch some memory plan fits (``BatchCapacity.planned``; it
+    runs the whole planner at each batch probed: minutes, hence opt-in).
     Raises ``ReportError`` for a cap not even one sample fits, ``ConversionError`` if the
     model cannot be converted.
     """
