@@ -30,10 +30,16 @@ from revcompile.passes.lower_sets import CostGraph, CostNode, lower_set_options
 from revcompile.passes.plan import Block
 from revcompile.passes.recompute import GapCost, GapOption
 
-__all__ = ["MAX_GAP_NODES_EXACT", "Gap", "find_gaps", "gap_costs"]
+__all__ = ["MAX_GAP_NODES_EXACT", "MAX_GAP_NODES", "MAX_GAP_OPTIONS", "Gap", "find_gaps", "gap_costs"]
 
-# Above this many nodes a gap is planned over Kusumoto's approximate family of lower sets.
+# Above this many nodes a gap is planned over Kusumoto's approximate family of lower sets;
+# above MAX_GAP_NODES it is left stored (the DP's O(F^2) transitions would dominate planning).
 MAX_GAP_NODES_EXACT = 48
+MAX_GAP_NODES = 256
+# Options offered to the chain DP per gap: each multiplies its fronts (a 48-block ViT's DP
+# took 4x longer with all seven of its stem's options). The cheapest, the leanest and
+# evenly spaced ones between them are kept; the chain DP is exact over those.
+MAX_GAP_OPTIONS = 4
 _COMPUTES = ("call_function", "call_method", "call_module")
 
 
@@ -98,6 +104,19 @@ def _cost_graph(nodes: list[fx.Node], saved: dict[str, int], flops: dict[str, in
     )
 
 
+def _spread(options: list[GapOption], most: int = MAX_GAP_OPTIONS - 1) -> list[GapOption]:
+    """At most ``most`` of ``options`` (least overhead first): the cheapest, the leanest, evenly spaced between."""
+    if len(options) <= most:
+        return options
+    leanest = min(range(len(options)), key=lambda i: (options[i].kept + options[i].transient, options[i].forward))
+    picked = {0, leanest}
+    for k in range(1, most):
+        if len(picked) >= most:
+            break
+        picked.add(round(k * (len(options) - 1) / (most - 1)))
+    return [options[i] for i in sorted(picked)]
+
+
 def gap_costs(graph: fx.Graph, blocks: tuple[Block, ...], saved: dict[str, int], flops: dict[str, int],
               storage: dict[str, int]) -> tuple[GapCost, ...]:
     """Each gap of ``graph`` with its lower-set options (the all-stored one first).
@@ -111,8 +130,11 @@ def gap_costs(graph: fx.Graph, blocks: tuple[Block, ...], saved: dict[str, int],
         stored = GapOption(sum(n.saved for n in gap.cost.nodes), 0, 0.0)
         if not stored.kept:
             continue  # saves nothing: nothing to plan
+        if len(nodes) > MAX_GAP_NODES:
+            costs.append(GapCost(f"{nodes[0].name} .. {nodes[-1].name}", position, (stored,)))
+            continue
         exact = None if len(nodes) <= MAX_GAP_NODES_EXACT else False
         options = lower_set_options(gap.cost, gap.recomputable, exact)
-        recomputing = tuple(GapOption(o.kept, o.peak - o.kept, o.overhead, o.recomputed) for o in options if o.recomputed)
-        costs.append(GapCost(f"{nodes[0].name} .. {nodes[-1].name}", position, (stored, *recomputing)))
+        recomputing = [GapOption(o.kept, o.peak - o.kept, o.overhead, o.recomputed) for o in options if o.recomputed]
+        costs.append(GapCost(f"{nodes[0].name} .. {nodes[-1].name}", position, (stored, *_spread(recomputing))))
     return tuple(costs)
