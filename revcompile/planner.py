@@ -42,7 +42,7 @@ from revcompile.passes.recompute import BlockCost, ChainPlan, GapCost, plan_chai
 from revcompile.pipeline import BlockModes
 from revcompile.simulate import simulate_step_peak
 
-__all__ = ["MemoryPlan", "plan_memory", "build_planned"]
+__all__ = ["MemoryPlan", "plan_memory", "build_planned", "planned_peak"]
 
 _ATTEMPTS = 6
 
@@ -170,6 +170,19 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
     checkpointed = BlockModes(checkpointed=tuple((b.name,) for b in chain if b.checkpointable))
     least = min(all_reversible, simulate_step_peak(build(checkpointed), args, kwargs).peak_bytes)
     raise _nothing_fits(budget, least, original_peak)
+
+
+def planned_peak(converted: ReversibleModel, args: tuple, kwargs: dict, budget: int) -> int | None:
+    """The simulated peak of the plan ``plan_memory`` makes for ``budget`` with ``converted``'s
+    settings (tracer, coupling, streams), or None when no plan fits: a batch's smallest
+    feasible peak is the least over the plans the planner builds, so this is what "a plan
+    fits at this batch" means (``revcompile.report``'s largest batch with a plan)."""
+    settings = converted._rc_settings
+    try:
+        return plan_memory(converted.original_model, args, budget, kwargs, tracer=converted._rc_tracer,
+                           coupling=settings.coupling, post_norm=converted._rc_post_norm, streams=settings.streams).predicted_peak
+    except ReportError:
+        return None
 
 
 def _nothing_fits(budget: int, least: int, original: int) -> ReportError:

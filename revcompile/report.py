@@ -310,24 +310,14 @@ def searched_capacity(capacity: BatchCapacity, state: TrainingState, converted: 
 
 
 def _planned_batch(converted: nn.Module, args: tuple, kwargs: dict, batch: int, room: int, guess: int, tolerance: float) -> int:
-    """The largest batch at which ``plan_memory`` meets ``room`` (the whole planner runs per batch probed).
-
-    A batch's smallest feasible peak is the least over the plans the planner builds, so a
-    batch "fits" when planning for ``room`` succeeds; every plan's step is simulated, so the
-    answer is as exact as the other two. The search starts at the larger of the original's
-    and the all-reversible conversion's answers (both are plans) and probes upwards.
-    """
-    from revcompile.planner import plan_memory
-
-    settings = converted._rc_settings
+    """The largest batch at which a memory plan fits ``room`` (``revcompile.planner.planned_peak``
+    runs the whole planner at each batch probed); the search starts at ``guess``, a batch
+    the original or the all-reversible conversion fits (both are plans)."""
+    from revcompile.planner import planned_peak
 
     def peak(b: int) -> int:
-        at_args, at_kwargs = _at_batch([args, kwargs], batch, b)
-        try:
-            return plan_memory(converted.original_model, at_args, room, at_kwargs, tracer=converted._rc_tracer,
-                               coupling=settings.coupling, post_norm=converted._rc_post_norm, streams=settings.streams).predicted_peak
-        except ReportError:
-            return room + 1
+        found = planned_peak(converted, *_at_batch([args, kwargs], batch, b), room)
+        return room + 1 if found is None else found
 
     return largest_fitting_batch(peak, room, guess, tolerance=tolerance)
 
