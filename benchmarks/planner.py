@@ -16,6 +16,7 @@ by round, median of the rounds.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -23,12 +24,15 @@ from pathlib import Path
 import torch
 
 import revcompile
+from revcompile.budget import ReportError
 from revcompile.passes.couplings import RevViT
 from revcompile.passes.recompute import plan_chain
 from revcompile.pipeline import BlockModes
 from revcompile.planner import _chain_costs, build_planned
 from revcompile.reference import example_inputs, reference_vit
 from revcompile.simulate import tensor_peak
+
+from results_io import run_meta, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -62,36 +66,67 @@ def _measure(models: dict[str, torch.nn.Module], args, rounds: int) -> dict[str,
     return {name: {"peak_bytes": peaks[name], "seconds": statistics.median(times[name])} for name in models}
 
 
-def _hierarchical(rounds: int) -> dict:
-    """A small timm Swin (stage transitions stay stored): a plan for the all-reversible step's peak."""
+def _swin():
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=48, depths=(2, 2, 4, 2),
                               num_heads=(2, 2, 4, 8), img_size=112, num_classes=10)
-    args = (torch.randn(8, 3, 112, 112),)
+    return model, (torch.randn(8, 3, 112, 112),)
+
+
+def _smallest_plan(model, args, between_blocks: bool, feasible: int, steps: int = 7):
+    """The smallest budget (to 1/2^steps of ``feasible``'s span) the planner meets, by bisection, and its plan."""
+    low, high = feasible // 2, feasible
+    plan = revcompile.plan_memory(model, args, high, between_blocks=between_blocks)
+    for _ in range(steps):
+        middle = (low + high) // 2
+        try:
+            plan, high = revcompile.plan_memory(model, args, middle, between_blocks=between_blocks), middle
+        except ReportError:
+            low = middle
+    return plan
+
+
+def _hierarchical(rounds: int) -> dict:
+    """A small timm Swin: plans at the all-reversible step's peak, and the smallest peak planned
+    with the blocks only vs with the graph between them (stem, patch merging, head) too."""
+    model, args = _swin()
     reversible = revcompile.convert(model, args, check_conversion=False)
     budget = tensor_peak(reversible, args)
     planned = revcompile.convert(model, args, memory_budget=budget, check_conversion=False)
-    measured = _measure({"all reversible": reversible, "plan": planned}, args, rounds)
+    smallest = {flag: _smallest_plan(model, args, flag, budget) for flag in (False, True)}
+    build = lambda plan: build_planned(model, args, {}, tracer="auto", coupling=RevViT(), post_norm="skip",  # noqa: E731
+                                       streams="exact", block_modes=plan.block_modes)
+    models = {"all reversible": reversible, "plan": planned, "smallest, blocks only": build(smallest[False]),
+              "smallest, with regions": build(smallest[True])}
+    measured = _measure(models, args, rounds)
     return {"model": "timm Swin (embed 48, depths 2-2-4-2, 112x112, batch 8)", "budget": budget,
-            "plan": revcompile.memory_plan(planned).summary(), **{f"{k} {m}": v for k, d in measured.items() for m, v in d.items()}}
+            "plan": revcompile.memory_plan(planned).summary(),
+            "smallest": {("with regions" if flag else "blocks only"): {"budget": p.budget, "plan": p.summary(),
+                                                                       "recomputed": [list(n) for n in p.recomputed]}
+                         for flag, p in smallest.items()},
+            "meta": run_meta(rounds=rounds),
+            **{f"{k} {m}": v for k, d in measured.items() for m, v in d.items()}}
 
 
-def _dp_seconds(model, args, depth48_budget_fraction: float = 0.3) -> dict:
-    """How long the chain DP alone takes on a 48-block chain (the cost measurement excluded)."""
+def _dp_seconds(args, depth48_budget_fraction: float = 0.3) -> dict:
+    """How long the DPs alone take on a 48-block ViT (its gaps included), and the whole planner at 60% of its peak."""
     deep = reference_vit(depth=48, dim=192, heads=3, num_classes=10)
     converted = build_planned(deep, args, {}, tracer="auto", coupling=RevViT(), post_norm="skip", streams="exact")
     started = time.perf_counter()
-    chain, _ = _chain_costs(converted, args, {}, RevViT(), "exact")
+    chain, gaps, _ = _chain_costs(converted, args, {}, RevViT(), "exact")  # includes the gaps' lower-set DPs
     measured = time.perf_counter() - started
     total = sum(b.saved for b in chain)
     timings = []
     for fraction in (0.1, depth48_budget_fraction, 0.6, 0.9):
         started = time.perf_counter()
-        plan_chain(chain, int(total * fraction))
+        plan_chain(chain, int(total * fraction), 0, gaps)
         timings.append(time.perf_counter() - started)
-    return {"blocks": len(chain), "cost_measurement_seconds": measured, "dp_seconds_max": max(timings)}
+    original = revcompile.simulate.simulate_step_peak(deep, args).peak_bytes
+    whole = revcompile.plan_memory(deep, args, int(original * 0.6))
+    return {"blocks": len(chain), "gaps": len(gaps), "cost_measurement_seconds": measured, "dp_seconds_max": max(timings),
+            "plan_memory_seconds": whole.planning_seconds}
 
 
 def _markdown(meta: dict, rows: list[dict], uniform: dict, dp: dict, h: dict) -> str:
@@ -113,10 +148,15 @@ def _markdown(meta: dict, rows: list[dict], uniform: dict, dp: dict, h: dict) ->
     lines += [f"| {name} | {u['peak_bytes'] / MiB:.1f} MiB | {u['seconds']:.3f} s |" for name, u in uniform.items()]
     lines += ["", f"Chain DP alone on {dp['blocks']} blocks: at most {dp['dp_seconds_max']:.2f} s per budget; "
               f"measuring the blocks' costs on fake tensors: {dp['cost_measurement_seconds']:.1f} s."]
+    if "plan_memory_seconds" in dp:
+        lines += [f"With its {dp['gaps']} gaps: the whole `plan_memory` at 60% of the original's peak took "
+                  f"{dp['plan_memory_seconds']:.1f} s (costs, DPs and the simulated steps)."]
     lines += ["", f"{h['model']}, budget {h['budget'] / MiB:.1f} MiB (the all-reversible step's peak): {h['plan']}.", "",
               "| | measured peak | step |", "|---|---|---|",
-              f"| all reversible | {h['all reversible peak_bytes'] / MiB:.1f} MiB | {h['all reversible seconds']:.3f} s |",
-              f"| plan | {h['plan peak_bytes'] / MiB:.1f} MiB | {h['plan seconds']:.3f} s |"]
+              *(f"| {name} | {h[name + ' peak_bytes'] / MiB:.1f} MiB | {h[name + ' seconds']:.3f} s |"
+                for name in ("all reversible", "plan", "smallest, blocks only", "smallest, with regions") if name + " seconds" in h)]
+    lines += [f"", f"Smallest plans ({h['meta']['date']}, {h['meta']['threads']} thread(s)):", ""]
+    lines += [f"- {which}: {s['plan']}" for which, s in h.get("smallest", {}).items()]
     return "\n".join(lines) + "\n"
 
 
@@ -139,8 +179,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budgets", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--only", action="append", choices=["hierarchical", "dp"],
+                        help="re-run this part only (repeatable), keep the rest of the results")
     options = parser.parse_args()
-    from results_io import run_meta, write_results
+    out = Path(options.out)
+    if options.only:
+        data = json.loads((out / "planner.json").read_text())
+        if "hierarchical" in options.only:
+            data["hierarchical"] = _hierarchical(options.rounds)
+        if "dp" in options.only:
+            torch.manual_seed(0)
+            data["dp"] = _dp_seconds(example_inputs(reference_vit(depth=1, dim=192, heads=3, num_classes=10), batch_size=2))
+        uniform = {u.pop("strategy"): u for u in [dict(u) for u in data["uniform"]]}
+        markdown = _markdown(data["meta"], data["rows"], uniform, data["dp"], data["hierarchical"])
+        write_results(data, out / "planner.json", out / "planner.md", markdown)
+        return
 
     torch.manual_seed(0)
     model = reference_vit(depth=options.depth, dim=192, heads=3, num_classes=10)
@@ -161,12 +214,11 @@ def main() -> None:
     measured = _measure({**strategies, **{f"plan {b}": c for b, (c, _) in plans.items()}}, args, options.rounds)
     uniform = {name: measured[name] for name in strategies}
     rows = _rows(plans, uniform, measured)
-    dp = _dp_seconds(model, example_inputs(model, batch_size=2))
+    dp = _dp_seconds(example_inputs(model, batch_size=2))
     hierarchical = _hierarchical(options.rounds)
     meta = run_meta(depth=options.depth, batch=options.batch, rounds=options.rounds)
     data = {"meta": meta, "rows": rows, "uniform": [{"strategy": n, **u} for n, u in uniform.items()], "dp": dp,
             "hierarchical": hierarchical}
-    out = Path(options.out)
     write_results(data, out / "planner.json", out / "planner.md", _markdown(meta, rows, uniform, dp, hierarchical))
 
 

@@ -14,8 +14,10 @@ The pipeline, in the order ``revcompile.pipeline`` runs it:
 With a memory budget (``convert(..., memory_budget=)``, ``revcompile.planner``):
 
     block_costs what each block costs stored, checkpointed or reversible (fake tensors, FLOPs)
-    recompute   the chain DP: per block stored / checkpointed / reversible under a byte budget
-    checkpoint  runs of blocks kept as they are, recomputed in backward -> one call each
+    gap_costs   the graph between blocks (stem, stage transitions, head) as cost graphs
+    lower_sets  Kusumoto's lower-set DP: which parts of such a graph to recompute
+    recompute   the chain DP: per block stored / checkpointed / reversible, per gap an option
+    checkpoint  runs of blocks, or parts between them, recomputed in backward -> one call each
 
 ``graph_view`` and ``patterns`` are what the structural passes share: a networkx view of
 the graph and the op patterns declared as data. Passes never import the runtime or CLI.

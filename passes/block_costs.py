@@ -5,7 +5,8 @@ Measured, not tabulated: the traced graph is interpreted on fake tensors (shapes
 saved storage to the node that saved it first, and ``torch.utils.flop_counter`` counting
 each node's forward FLOPs. A block's numbers are the sums over the nodes it takes over
 (``Block.replaces``); what a reversible step keeps follows from the model's coupling
-(``revcompile.passes.couplings``) and the streams' precision.
+(``revcompile.passes.couplings``) and the streams' precision. The same interpretation
+prices the graph between blocks (``revcompile.passes.gap_costs``): ``measure_plan_costs``.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from revcompile.passes.checkpoint import region_problem
 from revcompile.passes.couplings import Coupling, stream_dtype
+from revcompile.passes.gap_costs import gap_costs
 from revcompile.passes.memory import _SavedLedger, _SavedTensorInterpreter
 from revcompile.passes.plan import Block
-from revcompile.passes.recompute import BlockCost
+from revcompile.passes.recompute import BlockCost, GapCost
 
-__all__ = ["measure_block_costs"]
+__all__ = ["measure_block_costs", "measure_plan_costs"]
 
 
 class _CostInterpreter(_SavedTensorInterpreter):
@@ -35,6 +38,7 @@ class _CostInterpreter(_SavedTensorInterpreter):
         self.counter = counter
         self.flops: dict[str, int] = {}
         self.values: dict[str, tuple[int, torch.dtype]] = {}
+        self.storage: dict[str, int] = {}  # node -> storage bytes of the tensors its value holds
         self.wanted = wanted
 
     def run_node(self, node: fx.Node):
@@ -43,6 +47,9 @@ class _CostInterpreter(_SavedTensorInterpreter):
         self.flops[node.name] = self.counter.get_total_flops() - before
         if node.name in self.wanted and isinstance(value, torch.Tensor):
             self.values[node.name] = (value.numel(), value.dtype)
+        storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes()
+                    for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)}
+        self.storage[node.name] = sum(storages.values())
         return value
 
 
@@ -52,7 +59,8 @@ def _interpret(root: nn.Module, gm: fx.GraphModule, inputs: Sequence, wanted: se
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     parameters = {name: mode.from_tensor(p) for name, p in root.named_parameters(remove_duplicate=False)}
     buffers = {name: mode.from_tensor(b) for name, b in root.named_buffers(remove_duplicate=False)}
-    ledger = _SavedLedger({p.untyped_storage()._cdata for p in parameters.values()})
+    # parameters and buffers exist before the step: saving them costs nothing
+    ledger = _SavedLedger({t.untyped_storage()._cdata for t in (*parameters.values(), *buffers.values())})
     devices = sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
     counter = FlopCounterMode(display=False)
     with torch.random.fork_rng(devices=devices), mode, _reparametrize_module(root, {**parameters, **buffers}):
@@ -70,6 +78,12 @@ def measure_block_costs(
 
     ``root`` holds the parameters the graph names; ``inputs`` are its placeholder values.
     """
+    return measure_plan_costs(root, traced, blocks, inputs, coupling, streams, gaps=False)[0]
+
+
+def measure_plan_costs(root: nn.Module, traced: fx.Graph, blocks: Sequence[Block], inputs: Sequence, coupling: Coupling,
+                       streams: str, gaps: bool = True) -> tuple[tuple[BlockCost, ...], tuple[GapCost, ...]]:
+    """The blocks' costs and (``gaps``) the graph between them with its options, from one interpretation."""
     gm = fx.GraphModule(root, traced)
     interpreter = _interpret(root, gm, inputs, {b.input for b in blocks})
     saved_by_node = interpreter.ledger.by_owner()
@@ -91,4 +105,6 @@ def measure_block_costs(
                 checkpointable=region_problem(gm, (block,)) is None,
             )
         )
-    return tuple(costs)
+    if not gaps:
+        return tuple(costs), ()
+    return tuple(costs), gap_costs(traced, tuple(blocks), saved_by_node, interpreter.flops, interpreter.storage)

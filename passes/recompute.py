@@ -28,13 +28,24 @@ for this model (tests compare it with brute force), O(n * F * L) for n blocks, f
 size F and checkpointed runs of at most L blocks. What the model leaves out (the rest of
 the step: embeddings, head, loss, gradient working memory) the planner measures as one
 constant by simulating the chosen plan, and plans again with the budget reduced by it.
+
+The graph between blocks (stem, stage transitions, head) enters the chain as *gaps*
+(``GapCost``): at its position a gap adds one of its options, the strategies
+``revcompile.passes.lower_sets`` found for it (what it keeps, its backward's local peak
+above that, its recomputed FLOPs; option 0 stores everything). A gap is a region of the
+chain like any other -- kept ``K``, transient ``T`` -- so the peak formula and the DP are
+unchanged, with one more choice per gap: O((n + g * O) * F * L) for g gaps of O options.
+A gap's options trade kept bytes for compute, so they widen the fronts: on a 48-block ViT
+with its stem and head as gaps the DP took at most 1.55 s per budget, 0.92 s without them
+(2-core CPU, docs/benchmarks.md "Memory budgets").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["REVERSIBLE_OVERHEAD", "MAX_CHECKPOINT_RUN", "MODES", "BlockCost", "Region", "ChainPlan", "chain_cost", "plan_chain"]
+__all__ = ["REVERSIBLE_OVERHEAD", "MAX_CHECKPOINT_RUN", "MODES", "BlockCost", "GapOption", "GapCost", "Region", "ChainPlan",
+           "chain_cost", "uniform_plan", "plan_chain"]
 
 # A reversible block's recompute costs its forward plus the streams' arithmetic (rounding
 # onto the grid, casts): ~10% over a checkpointed block's recompute on CPU (docs/benchmarks.md).
@@ -58,9 +69,28 @@ class BlockCost:
 
 
 @dataclass(frozen=True)
+class GapOption:
+    kept: int
+    transient: int  # its backward's peak above what it keeps
+    forward: float  # recomputed FLOPs
+    recomputed: tuple[tuple[str, ...], ...] = ()  # node sets, each one checkpointed region
+
+
+@dataclass(frozen=True)
+class GapCost:
+    """The graph between blocks ``position - 1`` and ``position`` (0: before the first; n: after the last)."""
+
+    name: str
+    position: int
+    options: tuple[GapOption, ...]  # options[0] stores everything
+
+
+@dataclass(frozen=True)
 class Region:
-    mode: str  # one of MODES
-    blocks: tuple[int, ...]  # indices into the chain, consecutive
+    mode: str  # one of MODES, or "gap"
+    blocks: tuple[int, ...]  # indices into the chain, consecutive (none for a gap)
+    gap: int = -1  # a gap region: index into the gaps, and which of its options
+    option: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,7 +101,12 @@ class ChainPlan:
     extra_flops: float
 
     def modes(self) -> tuple[str, ...]:
+        """Per block, in order (gaps have none)."""
         return tuple(region.mode for region in self.regions for _ in region.blocks)
+
+    def gap_options(self) -> dict[int, int]:
+        """Gap index -> the option chosen for it."""
+        return {region.gap: region.option for region in self.regions if region.mode == "gap"}
 
 
 def _region_cost(chain: tuple[BlockCost, ...], region: Region, opens_segment: bool, working: int = 0) -> tuple[int, int, float]:
@@ -85,22 +120,38 @@ def _region_cost(chain: tuple[BlockCost, ...], region: Region, opens_segment: bo
     return kept, max(b.saved for b in blocks) + working, sum(b.forward for b in blocks) * (1 + REVERSIBLE_OVERHEAD)
 
 
-def chain_cost(chain: tuple[BlockCost, ...], regions: tuple[Region, ...], reversible_working: int = 0) -> ChainPlan:
+def chain_cost(chain: tuple[BlockCost, ...], regions: tuple[Region, ...], reversible_working: int = 0,
+               gaps: tuple[GapCost, ...] = ()) -> ChainPlan:
     """The modelled peak and extra compute of a plan given as regions (adjacent reversible
-    regions whose blocks join form one segment, as the runtime builds them)."""
+    regions whose blocks join form one segment, as the runtime builds them; a gap between
+    them does not end it)."""
     kept = peak = 0
     flops = 0.0
     previous: Region | None = None
     for region in regions:
-        continues = (
-            previous is not None and previous.mode == region.mode == "reversible" and chain[region.blocks[0]].joins_previous
-        )
-        k, t, f = _region_cost(chain, region, not continues, reversible_working)
+        if region.mode == "gap":
+            option = gaps[region.gap].options[region.option]
+            k, t, f = option.kept, option.transient, option.forward
+        else:
+            continues = (
+                previous is not None and previous.mode == region.mode == "reversible" and chain[region.blocks[0]].joins_previous
+            )
+            k, t, f = _region_cost(chain, region, not continues, reversible_working)
+            previous = region
         peak = max(peak, kept + k + t)
         kept += k
         flops += f
-        previous = region
     return ChainPlan(tuple(regions), max(peak, kept), kept, flops)
+
+
+def uniform_plan(chain: tuple[BlockCost, ...], mode: str, reversible_working: int = 0, gaps: tuple[GapCost, ...] = ()) -> ChainPlan:
+    """Every block in ``mode``, every gap stored."""
+    regions: list[Region] = []
+    for i in range(len(chain) + 1):
+        regions += [Region("gap", (), g) for g, gap in enumerate(gaps) if gap.position == i]
+        if i < len(chain):
+            regions.append(Region(mode, (i,)))
+    return chain_cost(chain, tuple(regions), reversible_working, gaps)
 
 
 @dataclass(frozen=True)
@@ -137,16 +188,37 @@ def _transitions(chain, i: int, in_segment: bool):
             end += 1
 
 
-def plan_chain(chain: tuple[BlockCost, ...], budget: int, reversible_working: int = 0) -> ChainPlan | None:
+def _through_gaps(states: list[_State], gaps: tuple[GapCost, ...], at: list[int], budget: int) -> list[_State]:
+    """The states after the gaps at one position, each with every option that fits."""
+    for g in at:
+        grown = []
+        for state in states:
+            for j, option in enumerate(gaps[g].options):
+                peak = max(state.peak, state.kept + option.kept + option.transient)
+                if peak <= budget:
+                    grown.append(_State(state.kept + option.kept, state.flops + option.forward, peak, state, Region("gap", (), g, j)))
+        states = _pareto(grown)
+    return states
+
+
+def plan_chain(chain: tuple[BlockCost, ...], budget: int, reversible_working: int = 0,
+               gaps: tuple[GapCost, ...] = ()) -> ChainPlan | None:
     """The plan with the least extra compute whose modelled peak is within ``budget``, or None.
 
     ``reversible_working``: bytes a reversible block's backward needs beyond its rebuilt
     activations (reconstructed streams and their cotangents; the planner measures it).
+    ``gaps``: the graph between blocks, each with its options.
     """
+    at = [[g for g, gap in enumerate(gaps) if gap.position == i] for i in range(len(chain) + 1)]
     fronts: dict[tuple[int, bool], list[_State]] = {(0, False): [_State(0, 0.0, 0, None, None)]}
-    for i in range(len(chain)):
+    finals: list[_State] = []
+    for i in range(len(chain) + 1):
         for in_segment in (False, True):
-            for state in fronts.pop((i, in_segment), []):
+            states = _through_gaps(_pareto(fronts.pop((i, in_segment), [])), gaps, at[i], budget)
+            if i == len(chain):
+                finals += states
+                continue
+            for state in states:
                 for region, opens, open_after in _transitions(chain, i, in_segment):
                     k, t, f = _region_cost(chain, region, opens, reversible_working)
                     peak = max(state.peak, state.kept + k + t)
@@ -154,9 +226,7 @@ def plan_chain(chain: tuple[BlockCost, ...], budget: int, reversible_working: in
                         continue
                     key = (region.blocks[-1] + 1, open_after)
                     fronts.setdefault(key, []).append(_State(state.kept + k, state.flops + f, peak, state, region))
-        for key in [k for k in fronts if k[0] == i + 1]:
-            fronts[key] = _pareto(fronts[key])
-    finals = [s for key, states in fronts.items() if key[0] == len(chain) for s in states if s.kept <= budget]
+    finals = [s for s in finals if s.kept <= budget]
     if not finals:
         return None
     best = min(finals, key=lambda s: (s.flops, s.peak))
@@ -164,4 +234,4 @@ def plan_chain(chain: tuple[BlockCost, ...], budget: int, reversible_working: in
     while best.region is not None:
         regions.append(best.region)
         best = best.back
-    return chain_cost(chain, tuple(reversed(regions)), reversible_working)
+    return chain_cost(chain, tuple(reversed(regions)), reversible_working, gaps)

@@ -91,6 +91,7 @@ class BatchCapacity:
     per_sample_original: float  # activation bytes per sample the sizes were computed with
     per_sample_converted: float
     basis: str  # where those bytes come from
+    planned: int | None = None  # the largest batch some memory plan fits (revcompile.plan_memory); None: not searched
 
     @property
     def gain(self) -> float | None:

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     report.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     report.add_argument("--memory-cap", default=None, metavar="SIZE", help="find the largest batch under SIZE (e.g. 16GiB)")
+    report.add_argument("--plan-batch", action="store_true",
+                        help="with --memory-cap, also the largest batch some memory plan fits (runs the planner per batch probed: slow)")
     report.add_argument("--budget", default=None, metavar="SIZE",
                         help="plan per block stored / checkpointed / reversible so that the step's activations "
                              "and working memory fit SIZE (e.g. 4GiB), with the least recompute")
@@ -208,6 +210,9 @@ def _print_capacity(console: Console, report) -> None:
     table.add_row("reserve (CUDA context, fragmentation)", format_bytes(state.reserve), "same")
     table.add_row("activations per sample (predicted peak)", format_bytes(cap.per_sample_original), format_bytes(cap.per_sample_converted))
     table.add_row("[bold]largest batch[/bold]", f"[bold]{cap.original:,}[/bold]", f"[bold green]{cap.converted:,}[/bold green]")
+    if cap.planned is not None:
+        table.add_row("largest batch with a memory plan (stored / checkpointed / reversible per block)", "",
+                      f"[bold green]{cap.planned:,}[/bold green]")
     console.print(table)
 
 
@@ -218,6 +223,8 @@ def _headline(report) -> str:
     if cap is not None:
         gain = f" ({cap.gain:.1f}x)" if cap.gain else " (the original does not fit at all)"
         line += f"; under {format_bytes(cap.memory_cap)} the predicted largest batch goes from {cap.original:,} to [bold green]{cap.converted:,}[/bold green]{gain}"
+        if cap.planned is not None and cap.planned > cap.converted:
+            line += f", {cap.planned:,} with a memory plan"
     return line + "."
 
 
@@ -240,7 +247,8 @@ def _report(args, console: Console) -> int:
         converted = convert(model.train(), inputs, kwargs, sketch_linears=args.sketch_linears, memory_budget=args.budget,
                             **_conversion(args))
         report = memory_report(model, inputs, kwargs, converted=converted, name=built.label, memory_cap=args.memory_cap,
-                               optimizer=args.optimizer, reserve=args.reserve, progress=lambda text: status.update(f"{text} ..."))
+                               optimizer=args.optimizer, reserve=args.reserve, progress=lambda text: status.update(f"{text} ..."),
+                               planned_batch=args.plan_batch)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch.fx as fx
 from torch import nn
 
-from revcompile.passes.checkpoint import RegionProgram, rewrite_checkpointed
+from revcompile.passes.checkpoint import RegionProgram, block_run, node_cut, rewrite_checkpointed
 from revcompile.passes.detect import find_reversible_blocks
 from revcompile.passes.normalize import normalize_graph
 from revcompile.passes.plan import Plan
@@ -58,10 +58,13 @@ class BlockModes:
 
     ``stored``: left as the original computes them, activations kept by autograd.
     ``checkpointed``: runs of consecutive blocks, each run recomputed once in backward.
+    ``recomputed``: sets of traced-graph nodes outside blocks (stem, stage transitions,
+    head), each with one output, recomputed once in backward (``revcompile.passes.lower_sets``).
     """
 
     stored: tuple[str, ...] = ()
     checkpointed: tuple[tuple[str, ...], ...] = ()
+    recomputed: tuple[tuple[str, ...], ...] = ()
 
     def kept_blocks(self) -> tuple[str, ...]:
         return self.stored + tuple(name for run in self.checkpointed for name in run)
@@ -214,10 +217,12 @@ def compile_variant(
     traced_graph.output(traced_graph.graph_copy(trace.graph_module.graph, {}))
     result = rewrite_reversible(trace.graph_module, plan)
     rewritten, regions = result.graph_module, ()
-    if modes.checkpointed:
+    if modes.checkpointed or modes.recomputed:
         every_block = find_reversible_blocks(trace.graph_module, post_norm=post_norm, excluded=excluded).blocks
         by_name = {block.name: block for block in every_block}
-        checkpoint = rewrite_checkpointed(rewritten, tuple(tuple(by_name[n] for n in run) for run in modes.checkpointed), result.renamed)
+        cuts = tuple(block_run(tuple(by_name[n] for n in run)) for run in modes.checkpointed)
+        cuts += tuple(node_cut(trace.graph_module, nodes) for nodes in modes.recomputed)
+        checkpoint = rewrite_checkpointed(rewritten, cuts, result.renamed)
         rewritten, regions = checkpoint.graph_module, checkpoint.regions
     graph_module, segments, sketched = sketch_compiled(rewritten, result.segments, model, sketch_linears)
     return CompiledVariant(

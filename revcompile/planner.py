@@ -8,8 +8,11 @@ those for a memory cap). It works in three moves:
 1. if the original step fits (simulated on fake tensors, ``revcompile.simulate``), nothing
    changes: every block is stored;
 2. otherwise the blocks' costs are measured on the traced graph
-   (``revcompile.passes.block_costs``) and the chain DP (``revcompile.passes.recompute``)
-   picks the plan with the least recompute whose modelled peak fits;
+   (``revcompile.passes.block_costs``), the graph between blocks -- stem, stage
+   transitions, head -- is priced as cost graphs whose recompute options Kusumoto's
+   lower-set DP finds (``revcompile.passes.gap_costs``, ``revcompile.passes.lower_sets``),
+   and the chain DP (``revcompile.passes.recompute``) picks, per block and per gap, the
+   plan with the least recompute whose modelled peak fits;
 3. the chosen plan is converted and its whole step simulated. What the model leaves out --
    embeddings, head, loss, the backward's working memory -- is the difference between that
    peak and the model's; the DP runs again with the budget reduced by it until the
@@ -33,13 +36,13 @@ from torch import nn
 from revcompile.budget import ReportError, format_bytes, parse_bytes
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
-from revcompile.passes.block_costs import measure_block_costs
+from revcompile.passes.block_costs import measure_plan_costs
 from revcompile.passes.couplings import Coupling
-from revcompile.passes.recompute import BlockCost, ChainPlan, Region, chain_cost, plan_chain
+from revcompile.passes.recompute import BlockCost, ChainPlan, GapCost, plan_chain, uniform_plan
 from revcompile.pipeline import BlockModes
 from revcompile.simulate import simulate_step_peak
 
-__all__ = ["MemoryPlan", "plan_memory", "build_planned"]
+__all__ = ["MemoryPlan", "plan_memory", "build_planned", "planned_peak"]
 
 _ATTEMPTS = 6
 
@@ -60,6 +63,11 @@ class MemoryPlan:
     planning_seconds: float
 
     @property
+    def recomputed(self) -> tuple[tuple[str, ...], ...]:
+        """Sets of graph nodes between blocks (stem, stage transitions, head) recomputed in backward."""
+        return self.block_modes.recomputed
+
+    @property
     def modes(self) -> dict[str, int]:
         counts = {"stored": 0, "checkpointed": 0, "reversible": 0}
         for _, mode in self.blocks:
@@ -73,6 +81,8 @@ class MemoryPlan:
 
     def summary(self) -> str:
         counts = ", ".join(f"{n} {mode}" for mode, n in self.modes.items() if n)
+        if self.recomputed:
+            counts += f"; {len(self.recomputed)} part(s) between blocks recomputed"
         extra = f"{self.extra_flops / self.step_flops:.0%}" if self.step_flops else "n/a"
         return (
             f"memory plan for {format_bytes(self.budget)}: {counts}; predicted peak {format_bytes(self.predicted_peak)} "
@@ -88,6 +98,7 @@ class MemoryPlan:
                 lines.append(f"  {where:<32} {run[0][1]} ({len(run)})")
                 run = []
             run.append((name, mode))
+        lines += [f"  {nodes[0] + ' .. ' + nodes[-1]:<32} recomputed ({len(nodes)} nodes between blocks)" for nodes in self.recomputed]
         return "\n".join([self.summary(), *lines])
 
     def __str__(self) -> str:
@@ -103,25 +114,23 @@ def build_planned(model: nn.Module, args: tuple, kwargs: dict, *, tracer: str, c
     return converted
 
 
-def _modes_of(chain: tuple[BlockCost, ...], plan: ChainPlan) -> BlockModes:
+def _modes_of(chain: tuple[BlockCost, ...], gaps: tuple[GapCost, ...], plan: ChainPlan) -> BlockModes:
     stored = tuple(chain[i].name for r in plan.regions if r.mode == "stored" for i in r.blocks)
     runs = tuple(tuple(chain[i].name for i in r.blocks) for r in plan.regions if r.mode == "checkpointed")
-    return BlockModes(stored=stored, checkpointed=runs)
-
-
-def _uniform(chain: tuple[BlockCost, ...], mode: str, working: int = 0) -> ChainPlan:
-    return chain_cost(chain, tuple(Region(mode, (i,)) for i in range(len(chain))), working)
+    recomputed = tuple(nodes for g, j in plan.gap_options().items() for nodes in gaps[g].options[j].recomputed)
+    return BlockModes(stored=stored, checkpointed=runs, recomputed=recomputed)
 
 
 def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs: dict | None = None, *,
                 tracer: str = "auto", coupling: Coupling | None = None, post_norm: str = "skip",
-                streams: str = "exact") -> MemoryPlan:
+                streams: str = "exact", between_blocks: bool = True) -> MemoryPlan:
     """The plan with the least recompute whose simulated step peak is within ``budget``.
 
     ``budget``: bytes, or a string with units (``"6GiB"``), for the step's activations and
     working memory above parameters and gradients. Raises ``ReportError`` naming the
     smallest budget that can be met when none fits, ``ConversionError`` when the model
-    does not convert.
+    does not convert. ``between_blocks=False`` plans the blocks only (the graph between
+    them stored, as before regions were planned: for comparison).
     """
     from revcompile.passes.couplings import RevViT
 
@@ -133,7 +142,8 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
     build = lambda modes: build_planned(model, args, kwargs, tracer=tracer, coupling=coupling,  # noqa: E731
                                         post_norm=post_norm, streams=streams, block_modes=modes)
     reversible = build(None)
-    chain, step_flops = _chain_costs(reversible, args, kwargs, coupling, streams)
+    chain, gaps, step_flops = _chain_costs(reversible, args, kwargs, coupling, streams)
+    gaps = gaps if between_blocks else ()
     tracer = reversible.reversible_plan.tracer
     original_peak = simulate_step_peak(model, args, kwargs).peak_bytes
     everything = lambda mode: ((name.name, mode) for name in chain)  # noqa: E731
@@ -144,22 +154,35 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
     all_reversible = simulate_step_peak(reversible, args, kwargs).peak_bytes
     # What the chain model leaves out, from the two uniform plans simulated: the rest of the
     # step (as in the original) and a reversible backward's own working memory.
-    outside = original_peak - _uniform(chain, "stored").peak
-    working = max(0, all_reversible - outside - _uniform(chain, "reversible").peak)
+    outside = original_peak - uniform_plan(chain, "stored", 0, gaps).peak
+    working = max(0, all_reversible - outside - uniform_plan(chain, "reversible", 0, gaps).peak)
     for _ in range(_ATTEMPTS):
-        chosen = plan_chain(chain, budget - outside, working)
+        chosen = plan_chain(chain, budget - outside, working, gaps)
         if chosen is None:
             break
-        modes = _modes_of(chain, chosen)
+        modes = _modes_of(chain, gaps, chosen)
         peak = simulate_step_peak(build(modes), args, kwargs).peak_bytes
         if peak <= budget:
             return done(modes, zip((b.name for b in chain), chosen.modes()), peak, all_reversible, chosen.extra_flops)
         outside += peak - budget + max(1, budget // 1000)
     if all_reversible <= budget:  # the model's estimate failed to converge: every block reversible fits
-        return done(BlockModes(), everything("reversible"), all_reversible, all_reversible, _uniform(chain, "reversible").extra_flops)
+        return done(BlockModes(), everything("reversible"), all_reversible, all_reversible, uniform_plan(chain, "reversible").extra_flops)
     checkpointed = BlockModes(checkpointed=tuple((b.name,) for b in chain if b.checkpointable))
     least = min(all_reversible, simulate_step_peak(build(checkpointed), args, kwargs).peak_bytes)
     raise _nothing_fits(budget, least, original_peak)
+
+
+def planned_peak(converted: ReversibleModel, args: tuple, kwargs: dict, budget: int) -> int | None:
+    """The simulated peak of the plan ``plan_memory`` makes for ``budget`` with ``converted``'s
+    settings (tracer, coupling, streams), or None when no plan fits: a batch's smallest
+    feasible peak is the least over the plans the planner builds, so this is what "a plan
+    fits at this batch" means (``revcompile.report``'s largest batch with a plan)."""
+    settings = converted._rc_settings
+    try:
+        return plan_memory(converted.original_model, args, budget, kwargs, tracer=converted._rc_tracer,
+                           coupling=settings.coupling, post_norm=converted._rc_post_norm, streams=settings.streams).predicted_peak
+    except ReportError:
+        return None
 
 
 def _nothing_fits(budget: int, least: int, original: int) -> ReportError:
@@ -171,13 +194,13 @@ def _nothing_fits(budget: int, least: int, original: int) -> ReportError:
 
 
 def _chain_costs(converted: ReversibleModel, args: tuple, kwargs: dict, coupling: Coupling, streams: str):
-    """The blocks' costs in program order, and the original step's FLOPs (3x its forward's)."""
+    """The blocks' costs in program order, the gaps between them, and the blocks' step FLOPs (3x their forward's)."""
     variant = converted.reversible_variants[0]
     compiled = variant.compiled
     blocks = compiled.plan.blocks
     if not blocks:
         raise ConversionError("nothing to plan: no block of this model converts (see revcompile.explain)")
     inputs = variant.placeholder_values(converted.call_signature(args, kwargs))
-    chain = measure_block_costs(converted, compiled.traced_graph, blocks, inputs, coupling, streams)
+    chain, gaps = measure_plan_costs(converted, compiled.traced_graph, blocks, inputs, coupling, streams)
     forward = sum(b.forward for b in chain)
-    return chain, 3.0 * forward
+    return chain, gaps, 3.0 * forward

@@ -15,8 +15,9 @@ questions:
   for each part of the model; ``revcompile.simulate`` runs each whole training step on
   fake tensors at those batch sizes for its peak. The report states how far that prediction is from the
   measurement, so the prediction is checked every time it is made.
-* **What it buys**: the largest batch whose step fits a memory cap, for the original and
-  the converted model, counting parameters, their gradients, the optimizer's state
+* **What it buys**: the largest batch whose step fits a memory cap, for the original, the
+  converted model and the best memory plan (``revcompile.plan_memory``: per block stored,
+  checkpointed or reversible, parts between blocks recomputed), counting parameters, their gradients, the optimizer's state
   (AdamW: two tensors per parameter) and a reserve for what is not a tensor (the CUDA
   context, allocator fragmentation).
 """
@@ -284,12 +285,13 @@ def _with_simulated_peaks(prediction: MemoryPrediction, converted: nn.Module, ar
 
 
 def searched_capacity(capacity: BatchCapacity, state: TrainingState, converted: nn.Module, args: tuple, kwargs: dict,
-                      batch: int, *, tolerance: float = 0.02) -> BatchCapacity:
+                      batch: int, *, tolerance: float = 0.02, planned: bool = True) -> BatchCapacity:
     """Each largest batch found by simulating the training step at candidate batches.
 
     The fitted lines' answers are where the search starts (``largest_fitting_batch``): a
     line through two batch sizes can overshoot the largest batch by a factor where fixed
-    costs dominate, and a batch that is too large runs out of memory.
+    costs dominate, and a batch that is too large runs out of memory. With ``planned``, also
+    the largest batch at which the memory planner finds a plan (``_planned_batch``).
     """
     room = capacity.memory_cap - state.total
 
@@ -299,8 +301,25 @@ def searched_capacity(capacity: BatchCapacity, state: TrainingState, converted: 
 
     basis = (f"simulated peak of the training step (forward and backward on fake tensors) at the batches searched, "
              f"to within {tolerance:.0%}")
-    return replace(capacity, original=search(converted.original_model, max(capacity.original, 1)),
-                   converted=search(converted, max(capacity.converted, 1)), basis=basis)
+    found = replace(capacity, original=search(converted.original_model, max(capacity.original, 1)),
+                    converted=search(converted, max(capacity.converted, 1)), basis=basis)
+    if not planned:
+        return found
+    guess = max(found.original, found.converted, 1)
+    return replace(found, planned=_planned_batch(converted, args, kwargs, batch, room, guess, tolerance))
+
+
+def _planned_batch(converted: nn.Module, args: tuple, kwargs: dict, batch: int, room: int, guess: int, tolerance: float) -> int:
+    """The largest batch at which a memory plan fits ``room`` (``revcompile.planner.planned_peak``
+    runs the whole planner at each batch probed); the search starts at ``guess``, a batch
+    the original or the all-reversible conversion fits (both are plans)."""
+    from revcompile.planner import planned_peak
+
+    def peak(b: int) -> int:
+        found = planned_peak(converted, *_at_batch([args, kwargs], batch, b), room)
+        return room + 1 if found is None else found
+
+    return largest_fitting_batch(peak, room, guess, tolerance=tolerance)
 
 
 def _capacity(cap: int, state: TrainingState, prediction: MemoryPrediction | None,
@@ -315,10 +334,13 @@ def _capacity(cap: int, state: TrainingState, prediction: MemoryPrediction | Non
     return batch_capacity(cap, state, *lines, basis)
 
 
-def _measured_capacity(cap: int, state: TrainingState, prediction, measured, converted, args, kwargs, batch) -> BatchCapacity:
+def _measured_capacity(cap: int, state: TrainingState, prediction, measured, converted, args, kwargs, batch,
+                       planned: bool) -> BatchCapacity:
     """The largest batches: searched with simulated steps, or from the measurement if prediction failed."""
     capacity = _capacity(cap, state, prediction, measured, batch)
-    return capacity if prediction is None else searched_capacity(capacity, state, converted, args, kwargs, batch or 1)
+    if prediction is None:
+        return capacity
+    return searched_capacity(capacity, state, converted, args, kwargs, batch or 1, planned=planned)
 
 
 def _prediction_or_failure(converted: nn.Module, args: tuple, kwargs: dict, batch: int | None):
@@ -340,6 +362,7 @@ def memory_report(
     optimizer: str = "adamw",
     reserve: int | str = DEFAULT_RESERVE,
     progress=None,
+    planned_batch: bool = False,
 ) -> MemoryReport:
     """Measure and predict the memory of one training step of ``model`` and of its conversion.
 
@@ -347,7 +370,9 @@ def memory_report(
     ``converted``: an existing conversion of ``model`` (else it is converted here).
     ``memory_cap`` (bytes or ``"16GiB"``): also find the largest batch that fits, with
     ``optimizer``'s state (one of ``OPTIMIZER_STATE``) and ``reserve`` bytes set aside.
-    ``progress``: called with a short description as each stage starts.
+    ``progress``: called with a short description as each stage starts. ``planned_batch``:
+    with a cap, also the largest batch some memory plan fits (``BatchCapacity.planned``; it
+    runs the whole planner at each batch probed: minutes, hence opt-in).
     Raises ``ReportError`` for a cap not even one sample fits, ``ConversionError`` if the
     model cannot be converted.
     """
@@ -375,7 +400,8 @@ def memory_report(
     capacity = None
     if cap is not None:
         say("searching the largest batches with simulated steps")
-        capacity = _measured_capacity(cap, state, prediction, (original, reversible), converted, args, kwargs, batch)
+        capacity = _measured_capacity(cap, state, prediction, (original, reversible), converted, args, kwargs, batch,
+                                      planned_batch)
     param = next(model.parameters())
     return MemoryReport(
         model=name or type(model).__name__,

@@ -22,6 +22,8 @@ starts, and the step accumulates into them as a training loop after its first st
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import weakref
 from dataclasses import dataclass
 
@@ -94,12 +96,31 @@ def training_step(model: nn.Module, args: tuple, kwargs: dict) -> None:
     training_loss(output).backward()
 
 
+@contextlib.contextmanager
+def _no_collection():
+    """Python's cycle collector off for a counted step, after one collection.
+
+    A storage held by a reference cycle is freed when the collector happens to run: during
+    one step, or only after it. Left on, the same step's peak varied by whatever cycles
+    held (two Swin bias tables), between the simulation and the measurement and from run to
+    run; off, both count every cycle's storage until the step ends.
+    """
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def tensor_peak(model: nn.Module, args: tuple, kwargs: dict | None = None) -> int:
     """Peak tensor bytes of one real training step above its start (after a warm-up step)."""
     kwargs = kwargs or {}
     training_step(model, args, kwargs)  # warm-up: traced variants, .grad buffers
     counter = LiveTensorBytes(_gradients(model))
-    with counter:
+    with _no_collection(), counter:
         training_step(model, args, kwargs)
     model.zero_grad(set_to_none=True)
     return counter.growth
@@ -139,7 +160,7 @@ def simulate_step_peak(model: nn.Module, args: tuple, kwargs: dict | None = None
                 fake.grad = torch.zeros_like(fake)
         with _reparametrize_module(model, {**fakes, **buffers}, tie_weights=True):
             counter = LiveTensorBytes(_gradients(model))
-            with counter:
+            with _no_collection(), counter:
                 training_step(model, *inputs)
     return StepPeak(counter.growth, counter.live - counter.base)
 

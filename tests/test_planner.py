@@ -19,11 +19,11 @@ import torch
 import revcompile
 from revcompile.budget import ReportError
 from revcompile.passes.couplings import make_coupling
-from revcompile.passes.recompute import MAX_CHECKPOINT_RUN, BlockCost, Region, chain_cost, plan_chain
+from revcompile.passes.recompute import MAX_CHECKPOINT_RUN, BlockCost, GapCost, GapOption, Region, chain_cost, plan_chain
 from revcompile.pipeline import BlockModes
-from revcompile.planner import build_planned
+from revcompile.planner import _chain_costs, build_planned
 from revcompile.reference import example_inputs, reference_vit
-from revcompile.simulate import tensor_peak
+from revcompile.simulate import simulate_step_peak, tensor_peak
 from tests.conftest import gradients, relative_error, zero_level
 
 
@@ -82,6 +82,47 @@ def test_the_chain_dp_finds_the_brute_force_optimum(seed):
         assert _allowed(chain, found.regions)
 
 
+def _random_gaps(rng: random.Random, n: int) -> tuple[GapCost, ...]:
+    """Gaps at a few positions (before the first block .. after the last), one to three options each."""
+    positions = sorted(rng.sample(range(n + 1), min(n + 1, rng.randint(1, 3))))
+    return tuple(
+        GapCost(f"gap{p}", p, tuple(GapOption(rng.randint(0, 40), rng.randint(0, 30), float(rng.randint(0, 6) if j else 0))
+                                    for j in range(rng.randint(1, 3))))
+        for p in positions
+    )
+
+
+def _with_gaps(regions, gaps, choice):
+    """``regions`` with gap g's option ``choice[g]`` inserted where it sits in the chain."""
+    out, pending = [], list(enumerate(gaps))
+    for region in regions:
+        while pending and pending[0][1].position <= region.blocks[0]:
+            g, _ = pending.pop(0)
+            out.append(Region("gap", (), g, choice[g]))
+        out.append(region)
+    return (*out, *(Region("gap", (), g, choice[g]) for g, _ in pending))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_chain_dp_with_gaps_between_blocks_finds_the_brute_force_optimum(seed):
+    rng = random.Random(100 + seed)
+    chain = _random_chain(rng, rng.randint(1, 4))
+    gaps = _random_gaps(rng, len(chain))
+    choices = list(itertools.product(*(range(len(g.options)) for g in gaps)))
+    plans = [chain_cost(chain, _with_gaps(regions, gaps, c), 7, gaps)
+             for regions in _partitions(len(chain)) if _allowed(chain, regions) for c in choices]
+    peaks = sorted({p.peak for p in plans})
+    for budget in [peaks[0] - 1, *rng.sample(peaks, min(5, len(peaks))), peaks[-1]]:
+        fitting = [p.extra_flops for p in plans if p.peak <= budget]
+        found = plan_chain(chain, budget, 7, gaps)
+        if not fitting:
+            assert found is None
+            continue
+        assert found is not None and found.peak <= budget
+        assert found.extra_flops == pytest.approx(min(fitting))
+        assert sorted(found.gap_options()) == list(range(len(gaps)))
+
+
 def test_recompute_never_rises_with_the_budget_and_vanishes_when_everything_fits():
     chain = _random_chain(random.Random(7), 24)
     everything_stored = chain_cost(chain, tuple(Region("stored", (i,)) for i in range(len(chain))))
@@ -97,17 +138,9 @@ def _vit(depth=6, dtype=torch.float64):
     return model, example_inputs(model, batch_size=2, dtype=dtype)
 
 
-@pytest.mark.parametrize("coupling", ["revvit", "dual"])
-def test_stored_checkpointed_and_reversible_blocks_in_one_model_have_exact_gradients(coupling):
-    model, args = _vit()
-    build = lambda modes: build_planned(  # noqa: E731
-        model, args, {}, tracer="auto", coupling=make_coupling(coupling), post_norm="skip", streams="exact", block_modes=modes
-    )
-    mixed = build(BlockModes(stored=("blocks.0",), checkpointed=(("blocks.2", "blocks.3"),)))
-    reference = build(BlockModes(stored=("blocks.0", "blocks.2", "blocks.3")))
-    assert len(mixed.reversible_variants[0].regions) == 1
-    assert [b.name for b in revcompile.explain(mixed).blocks] == ["blocks.1", "blocks.4", "blocks.5"]
-    got, out = gradients(mixed, args, mode="reversible")
+def _assert_same_gradients(model, reference, args):
+    """``model`` (reversible mode) has ``reference``'s outputs and gradients (autograd), every parameter and the input."""
+    got, out = gradients(model, args, mode="reversible")
     want, ref_out = gradients(reference, args, mode="autograd")
     assert all(torch.equal(a, b) for a, b in zip(out, ref_out))
     floor = zero_level(want.values(), torch.float64)
@@ -118,7 +151,38 @@ def test_stored_checkpointed_and_reversible_blocks_in_one_model_have_exact_gradi
             continue
         assert relative_error(got[name], ref) <= 1e-10, name
         checked += 1
-    assert checked > 0.9 * len(want)
+    assert checked > 0.9 * len(want) and "input 0" in want
+
+
+def _builder(model, args, coupling="revvit"):
+    return lambda modes: build_planned(  # noqa: E731
+        model, args, {}, tracer="auto", coupling=make_coupling(coupling), post_norm="skip", streams="exact", block_modes=modes
+    )
+
+
+@pytest.mark.parametrize("coupling", ["revvit", "dual"])
+def test_stored_checkpointed_and_reversible_blocks_in_one_model_have_exact_gradients(coupling):
+    model, args = _vit()
+    build = _builder(model, args, coupling)
+    mixed = build(BlockModes(stored=("blocks.0",), checkpointed=(("blocks.2", "blocks.3"),)))
+    reference = build(BlockModes(stored=("blocks.0", "blocks.2", "blocks.3")))
+    assert len(mixed.reversible_variants[0].regions) == 1
+    assert [b.name for b in revcompile.explain(mixed).blocks] == ["blocks.1", "blocks.4", "blocks.5"]
+    _assert_same_gradients(mixed, reference, args)
+
+
+def test_recomputed_parts_between_blocks_keep_gradients_exact():
+    """The stem and the head recomputed (every cut their lower-set options offer), blocks mixed."""
+    model, args = _vit()
+    build = _builder(model, args)
+    _, gaps, _ = _chain_costs(build(None), args, {}, make_coupling("revvit"), "exact")
+    assert [g.position for g in gaps] == [0, 6]  # before the first block, after the last
+    cuts = tuple(nodes for gap in gaps for nodes in max(gap.options, key=lambda o: len(o.recomputed)).recomputed)
+    assert len(cuts) >= 2
+    mixed = build(BlockModes(stored=("blocks.0",), checkpointed=(("blocks.2",),), recomputed=cuts))
+    assert len(mixed.reversible_variants[0].regions) == 1 + len(cuts)
+    reference = build(BlockModes(stored=("blocks.0", "blocks.2")))
+    _assert_same_gradients(mixed, reference, args)
 
 
 def test_a_budget_the_original_fits_keeps_every_block_stored():
@@ -164,3 +228,37 @@ def test_between_the_extremes_the_measured_step_stays_within_the_budget():
         assert plan.predicted_peak == measured
         seen.add(tuple(sorted(m for m, n in plan.modes.items() if n)))
     assert any(len(modes) > 1 for modes in seen), f"every plan was uniform: {seen}"
+
+
+def _small_swin(dtype=torch.float32, batch=2):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=16, depths=(2, 2),
+                              num_heads=(1, 2), img_size=56, num_classes=4, drop_rate=0.1, drop_path_rate=0.0).to(dtype)
+    return model, (torch.randn(batch, 3, 56, 56, dtype=dtype),)
+
+
+def _swin_cuts(model, args):
+    """Every cut the Swin's gaps offer in their most-recomputing options: stem, patch merging, head."""
+    build = _builder(model, args)
+    _, gaps, _ = _chain_costs(build(None), args, {}, make_coupling("revvit"), "exact")
+    cuts = tuple(nodes for gap in gaps for nodes in max(gap.options, key=lambda o: o.kept and -o.kept).recomputed)
+    assert any(any("downsample" in n for n in nodes) for nodes in cuts), cuts
+    return build, cuts
+
+
+def test_a_swin_with_its_stage_transition_recomputed_keeps_gradients_exact():
+    model, args = _small_swin(torch.float64)
+    build, cuts = _swin_cuts(model, args)
+    mixed = build(BlockModes(stored=("layers.0.blocks.0",), checkpointed=(("layers.1.blocks.0",),), recomputed=cuts))
+    reference = build(BlockModes(stored=("layers.0.blocks.0", "layers.1.blocks.0")))
+    _assert_same_gradients(mixed, reference, args)
+
+
+def test_a_swin_with_its_stage_transition_recomputed_is_simulated_byte_exactly():
+    model, args = _small_swin(batch=4)
+    build, cuts = _swin_cuts(model, args)
+    for modes in (BlockModes(recomputed=cuts), BlockModes(checkpointed=(("layers.0.blocks.0", "layers.0.blocks.1"),), recomputed=cuts)):
+        converted = build(modes)
+        assert simulate_step_peak(converted, args).peak_bytes == tensor_peak(converted, args)

@@ -9,12 +9,14 @@ import revcompile
 from revcompile.passes.memory import LinearBytes
 from revcompile.measure import saved_for_backward
 from revcompile.reference import example_inputs, reference_vit
+from revcompile.simulate import simulate_step_peak, tensor_peak
 from revcompile.report import (
     ReportError,
     TrainingState,
     batch_capacity,
     parse_bytes,
     predict,
+    training_state,
 )
 
 
@@ -121,3 +123,22 @@ def test_sizes_parse(text, expected):
 def test_unreadable_sizes_are_errors(text):
     with pytest.raises(ReportError, match="cannot read"):
         parse_bytes(text)
+
+
+@pytest.mark.slow  # minutes on a loaded 2-core CPU: the whole planner runs at every batch probed
+def test_the_largest_batch_with_a_memory_plan_is_planned_and_fits():
+    """The planner's largest batch: at least the original's and the all-reversible one's, and at
+    that batch ``convert(memory_budget=room)`` plans a step whose measured peak is within the room."""
+    torch.manual_seed(0)
+    model = reference_vit(depth=4, dim=32, heads=2, num_classes=4)
+    (x,) = example_inputs(model, 4)
+    state = training_state(model, "adamw", 0)
+    cap = state.total + simulate_step_peak(model, example_inputs(model, 8)).peak_bytes  # the original fits ~8 samples
+    report = revcompile.memory_report(model, x, memory_cap=cap, reserve=0, planned_batch=True)
+    capacity = report.capacity
+    assert capacity.planned >= max(capacity.original, capacity.converted) > capacity.original >= 8
+    assert report.to_dict()["capacity"]["planned"] == capacity.planned
+    room = capacity.memory_cap - state.total
+    (at_planned,) = example_inputs(model, capacity.planned)
+    converted = revcompile.convert(model, at_planned, memory_budget=room, check_conversion=False)
+    assert tensor_peak(converted, (at_planned,)) <= room
