@@ -180,6 +180,8 @@ def stitch_layers(graph: fx.Graph, stack: LayerStack) -> dict[str, str] | None:
     start, end = position[second[0]], position[second[-1]]
     if end - start + 1 != len(second) or position[first[-1]] > start:
         return None  # layer 1 is not one contiguous run after layer 0
+    if any(n.op not in ("get_attr", "placeholder") for n in nodes[position[first[-1]] + 1:start]):
+        return None  # code runs between the layers: a copy would leave it out
     prefixes = [stack.layer(i) + "." for i in range(TRACED)]
     attrs = {n.target: n for n in nodes if n.op == "get_attr"}
 
