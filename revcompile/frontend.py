@@ -25,6 +25,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 from revcompile.errors import one_line
+from revcompile.layer_reuse import LayerStack, find_layer_stack, same_output, stitch_layers, truncated_stack
 from revcompile.quiet import quiet_torch
 
 __all__ = ["TRACERS", "CallSignature", "Trace", "TraceFailed", "bind_call", "training_defaults", "trace_model"]
@@ -196,26 +197,65 @@ def _dynamic_shapes(model: nn.Module, call: CallSignature):
     return {name: pytree.tree_map(spec, value) for name, value in arguments.items()}
 
 
-def _trace_export(model: nn.Module, call: CallSignature) -> Trace:
+def _export(model: nn.Module, call: CallSignature):
     shapes = _dynamic_shapes(model, call)
     kwargs = dict(strict=False)
     if shapes is not None:
         kwargs["dynamic_shapes"] = shapes
     try:
-        program = torch.export.export(model, call.positional, call.keyword, **kwargs)
+        return torch.export.export(model, call.positional, call.keyword, **kwargs)
     except Exception as dynamic_error:  # noqa: BLE001
         if shapes is None:
             raise
         # Some models only export with static shapes; other shapes then retrace.
         try:
-            program = torch.export.export(model, call.positional, call.keyword, strict=False)
+            return torch.export.export(model, call.positional, call.keyword, strict=False)
         except Exception:  # noqa: BLE001
             raise dynamic_error from None
-    unlifted = program.module()
-    guard = getattr(unlifted, "_guards_fn", None)
+
+
+def _trace_export(model: nn.Module, call: CallSignature) -> Trace:
+    stack = find_layer_stack(model)
+    if stack is not None:
+        reused = _export_reusing_layers(model, call, stack)
+        if reused is not None:
+            return reused
+    unlifted = _export(model, call).module()
+    gm = fx.GraphModule(unlifted, unlifted.graph, type(model).__name__)
+    return Trace(gm, "export", call, (), guard=getattr(unlifted, "_guards_fn", None))
+
+
+def _export_reusing_layers(model: nn.Module, call: CallSignature, stack: LayerStack) -> Trace | None:
+    """Export with the layer stack cut to two layers and copy the second (``revcompile.layer_reuse``);
+    ``None`` where that does not give the model's own graph."""
+    try:
+        with truncated_stack(model, stack):
+            unlifted = _export(model, call).module()
+    except Exception:  # noqa: BLE001 -- the forward needs its full stack: export all of it
+        return None
     graph = unlifted.graph
-    gm = fx.GraphModule(unlifted, graph, type(model).__name__)
-    return Trace(gm, "export", call, (), guard=guard)
+    copied = stitch_layers(graph, stack)
+    if copied is None:
+        return None
+    owners = {**{t: unlifted for t in _targets(graph)}, **{t: model for t in copied}}
+    root = {target: _attribute(owner, target) for target, owner in owners.items()}
+    gm = fx.GraphModule(root, graph, type(model).__name__)
+    if not same_output(model, gm, call):
+        return None
+    note = (f"torch.export traced 2 of the {stack.count} identical layers of {stack.path} and copied the second "
+            "for the others (same graph for both traced layers, same output as the model on the example call)")
+    return Trace(gm, "export", call, (), guard=getattr(unlifted, "_guards_fn", None), notes=(note,))
+
+
+def _targets(graph: fx.Graph) -> list[str]:
+    return [str(n.target) for n in graph.nodes if n.op in ("get_attr", "call_module")]
+
+
+def _attribute(owner: nn.Module, target: str):
+    value = owner
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 class TraceFailed(Exception):

@@ -180,6 +180,7 @@ def _trace_and_detect(model: nn.Module, call: CallSignature, tracer: str, traini
             "control flow; for fx, make custom modules leaves (torch.fx.wrap) where their code branches on tensors."
         ) from failures[-1].error
     trace, plan = best
+    notes.extend(trace.notes)
     notes.extend(f"{f.tracer} tracing failed ({f}); used {trace.tracer}" for f in failures)
     notes.extend(
         f"{key}={value!r} is passed to the model: a key/value cache would keep every layer's keys and values alive"

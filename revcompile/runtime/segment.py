@@ -16,6 +16,7 @@ FSDP2 (``fully_shard(block)``) run each as a forward of their FSDP modules
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -124,6 +125,38 @@ class ReversibleSegment:
             return [_walk(self.root, path)._parameters[leaf] for path, leaf in self._parameter_paths]
         except (KeyError, AttributeError):  # a parametrized or otherwise unusual module: the slow lookup
             return [self.root.get_parameter(name) for name in self.parameter_names]
+
+    @contextlib.contextmanager
+    def detached_parameters(self, positions: tuple[int, ...], params: list):
+        """The module tables hold detached aliases of these parameters inside the block.
+
+        A branch rebuilt in backward reads its parameters from the model; were they the
+        parameters themselves, the rebuild's ``torch.autograd.grad`` would run their tensor
+        hooks (``p.register_hook``) on the block's contribution, and autograd would run them
+        again on the gradient the block's gate hands it. Rebuilt on aliases (same storage, no
+        hooks, no graph history), the gradients are taken with respect to the aliases and
+        reach the parameters once, through the gate. Yields ``{position: alias}``; a
+        parameter the tables do not hold under its name (a parametrization) is left as it is.
+        """
+        swapped, aliases = [], {}
+        try:
+            for k in positions:
+                param = params[k]
+                if not param.requires_grad or k in aliases:
+                    continue
+                path, leaf = self._parameter_paths[k]
+                try:
+                    table = _walk(self.root, path)._parameters
+                except (KeyError, AttributeError):
+                    continue
+                if table.get(leaf) is not param:
+                    continue
+                aliases[k] = table[leaf] = param.detach().requires_grad_(True)
+                swapped.append((table, leaf, param))
+            yield aliases
+        finally:
+            for table, leaf, param in reversed(swapped):
+                table[leaf] = param
 
     def branches(self, side: tuple) -> list:
         """The branches in step order (block 0's F, its G, ...), as ``stream -> output``."""

@@ -33,22 +33,25 @@ class ReconstructionDrift:
     relative_error: float  # max |reconstructed - stored| / max |stored|
 
 
-def _rebuild(branch, stream: torch.Tensor, side: tuple, arith: StreamArithmetic):
-    """Recompute ``branch(stream)`` with a graph from a fresh leaf: ``(leaf, output)``."""
-    with torch.enable_grad():
+def _rebuild(segment, branch, stream: torch.Tensor, side: tuple, arith: StreamArithmetic, params):
+    """Recompute ``branch(stream)`` with a graph from a fresh leaf, on detached aliases of its
+    parameters (``ReversibleSegment.detached_parameters``): ``(leaf, output, aliases)``."""
+    with torch.enable_grad(), segment.detached_parameters(branch.parameters, params) as aliases:
         leaf = stream.detach().requires_grad_(True)
-        return leaf, branch(arith.branch_input(leaf), side)
+        return leaf, branch(arith.branch_input(leaf), side), aliases
 
 
-def _pull(branch, leaf, out, cotangent, params, side, side_leaves):
+def _pull(branch, rebuilt, cotangent, params, side, side_leaves):
     """Pull ``cotangent`` back through a rebuilt branch graph (and free it).
 
     Returns the gradient for the branch input and (position, grad) pairs for the branch's
-    parameters and differentiable side inputs.
+    parameters (taken with respect to the aliases the branch was rebuilt on) and
+    differentiable side inputs.
     """
+    leaf, out, aliases = rebuilt
     if not out.requires_grad:  # branch independent of everything differentiable
         return None, [], []
-    own_params = [(i, params[i]) for i in branch.parameters if params[i].requires_grad]
+    own_params = [(i, aliases.get(i, params[i])) for i in branch.parameters if params[i].requires_grad]
     own_side = [(i, side[i]) for i in branch.side_inputs if i in side_leaves]
     wrt = [leaf] + [p for _, p in own_params] + [s for _, s in own_side]
     grads = torch.autograd.grad(out, wrt, cotangent.to(out.dtype), allow_unused=True)
@@ -79,18 +82,18 @@ class StepMath:
         if branch == "g":
             cur, nxt = values.take(streams_value(i))
             with replayed_rng(self.rng_log[step], self.devices):
-                leaf, out = _rebuild(g, cur, self.side, self.arith)
-            values[graph_value(i)] = {"g": (leaf, out)}
-            scratch["g inverse"] = (cur, nxt, out.detach())
+                rebuilt = _rebuild(self.segment, g, cur, self.side, self.arith, self.params)
+            values[graph_value(i)] = {"g": rebuilt}
+            scratch["g inverse"] = (cur, nxt, rebuilt[1].detach())
             return
         y1, y2, h_g = scratch.pop("g inverse")
         overwrite = self.exit_streams_owned and i == len(self.segment.blocks) - 1
         cur, nxt = self.coupling.invert(self.arith, y1, y2, h_g, residues[1], overwrite_next=overwrite), y1
         del y2, h_g  # dead: free them before F's graph is rebuilt
         with replayed_rng(self.rng_log[step], self.devices):
-            leaf, out = _rebuild(f, cur, self.side, self.arith)
-        values[graph_value(i)]["f"] = (leaf, out)
-        prev = self.coupling.invert(self.arith, cur, nxt, out.detach(), residues[0])
+            rebuilt = _rebuild(self.segment, f, cur, self.side, self.arith, self.params)
+        values[graph_value(i)]["f"] = rebuilt
+        prev = self.coupling.invert(self.arith, cur, nxt, rebuilt[1].detach(), residues[0])
         values[streams_value(i - 1)] = (prev, cur)
         if self.stored is not None:
             self._record_drift(i, (prev, cur), self.stored[i])
@@ -98,8 +101,8 @@ class StepMath:
     def grad(self, i: int, branch: str, values, scratch: dict) -> None:
         f, g = self.segment.blocks[i]
         d_cur, d_next = values.take(cotangent_value(i)) if branch == "g" else scratch.pop("d_between")
-        leaf, out = values[graph_value(i)].pop(branch)
-        pulled, param_grads, side_grads = _pull(g if branch == "g" else f, leaf, out, d_next, self.params, self.side, self.side_leaves)
+        rebuilt = values[graph_value(i)].pop(branch)
+        pulled, param_grads, side_grads = _pull(g if branch == "g" else f, rebuilt, d_next, self.params, self.side, self.side_leaves)
         before = self.coupling.gradient(d_cur, d_next, pulled, pulled_owned=self.arith.casts_branch_input)
         if branch == "g":
             scratch["d_between"] = before

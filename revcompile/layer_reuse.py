@@ -1,0 +1,261 @@
+"""torch.export of a stack of identical layers: two layers traced, the others copied from the second.
+
+``torch.export`` costs a few milliseconds per traced op (fake tensors, symbolic shapes,
+proxies), so a 32-layer language model spends most of its conversion exporting 32 copies
+of the same layer. When a model's layers are one ``nn.ModuleList`` of modules with the same
+class, submodules, parameter and buffer shapes and settings (they may differ in
+``layer_idx``, which HuggingFace layers use only to index a key/value cache), the model is
+exported with the list cut to its first two layers, and the graph of layer 1 is copied for
+layers 2 .. n-1, each copy reading its own layer's parameters and carrying its own module
+path (so blocks are named as in a full export).
+
+Nothing is assumed that is not checked: the two traced layers must have the same graph
+(so the layer's index did not change what it computes), the code after the layers may read
+only the last layer's values, and the stitched graph must give bit for bit the original
+model's output on the example call (same random draws, buffers restored afterwards).
+Anything else -- a list the forward indexes past its cut, hooks on a layer, a check that
+fails -- returns ``None`` and the caller exports the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["LayerStack", "find_layer_stack", "stitch_layers", "truncated_stack", "same_output"]
+
+MIN_LAYERS = 4  # below this, exporting every layer costs about as much as two plus the checks
+TRACED = 2
+# Attributes identical layers may differ in: HuggingFace layers' position in the stack,
+# read only to index a key/value cache (training passes ``use_cache=False``).
+_INDEX_ATTRIBUTES = frozenset({"layer_idx"})
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """The model's ``nn.ModuleList`` of identical layers: its module path and length."""
+
+    path: str
+    count: int
+
+    def layer(self, index: int) -> str:
+        return f"{self.path}.{index}" if self.path else str(index)
+
+
+def _attributes(module: nn.Module):
+    """A module's plain settings (``None`` if one of them is a tensor or cannot be compared)."""
+    items = []
+    for key, value in vars(module).items():
+        if key.startswith("_") or key == "training" or key in _INDEX_ATTRIBUTES:
+            continue
+        if isinstance(value, torch.Tensor):
+            return None  # a plain tensor attribute is the layer's own state: no copying
+        items.append((key, value))
+    return items
+
+
+def _layout(layer: nn.Module):
+    """What two layers must share to compute the same function of their own parameters."""
+    modules = []
+    for name, module in layer.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+            return None
+        attributes = _attributes(module)
+        if attributes is None:
+            return None
+        modules.append((name, type(module), module.training, attributes))
+    tensors = [
+        (name, type(t), tuple(t.shape), t.dtype, t.device, t.requires_grad)
+        for name, t in (*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False))
+    ]
+    return modules, tensors
+
+
+def _identical(layers: list[nn.Module]) -> bool:
+    first = _layout(layers[0])
+    if first is None:
+        return False
+    try:
+        return all(_layout(layer) == first for layer in layers[1:])
+    except Exception:  # noqa: BLE001 -- settings that do not compare: not provably the same
+        return False
+
+
+def find_layer_stack(model: nn.Module) -> LayerStack | None:
+    """The longest ``nn.ModuleList`` of at least ``MIN_LAYERS`` identical layers, if any."""
+    best = None
+    for name, module in model.named_modules():
+        if type(module) is nn.ModuleList and len(module) >= MIN_LAYERS and (best is None or len(module) > best.count):
+            if _identical(list(module)):
+                best = LayerStack(name, len(module))
+    return best
+
+
+@contextlib.contextmanager
+def truncated_stack(model: nn.Module, stack: LayerStack):
+    """``model`` with the stack holding only its first ``TRACED`` layers, restored on exit."""
+    parent_path, _, leaf = stack.path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    full = parent._modules[leaf]
+    parent._modules[leaf] = nn.ModuleList(list(full)[:TRACED])
+    try:
+        yield
+    finally:
+        parent._modules[leaf] = full
+
+
+def _layer_of(node: fx.Node, stack: LayerStack) -> int | None:
+    """Which traced layer ``node`` belongs to (its innermost module is in it), if any."""
+    module_stack = node.meta.get("nn_module_stack")
+    if not module_stack:
+        return None
+    path = list(module_stack.values())[-1][0]
+    for index in range(TRACED):
+        prefix = stack.layer(index)
+        if path == prefix or path.startswith(prefix + "."):
+            return index
+    return None
+
+
+def _renamed(text: str, old: str, new: str) -> str:
+    return re.sub(re.escape(old) + r"(?=\.|$)", new, text)
+
+
+def _module_stack_for(meta: dict, old: str, new: str) -> dict:
+    stack = meta.get("nn_module_stack")
+    if not stack:
+        return dict(meta)
+    moved = {}
+    for key, (path, kind) in stack.items():
+        new_path = _renamed(path, old, new) if path == old or path.startswith(old + ".") else path
+        new_key = key[: len(key) - len(path)] + new_path if key.endswith(path) else key
+        moved[new_key] = (new_path, kind)
+    return {**meta, "nn_module_stack": moved}
+
+
+def _same_step(a: fx.Node, b: fx.Node, pairs: dict, renamed_attr, carried: dict) -> bool:
+    """``b`` (layer 1) does what ``a`` (layer 0) does, on the corresponding values.
+
+    A value layer 0 reads from before the stack (the embeddings, say) is either read by
+    layer 1 too (a side input: a mask, rotary tables) or replaced throughout by one value
+    of layer 0 (what the layer passes on); ``carried`` records those replacements.
+    """
+    if a.op != b.op or a.target != b.target:
+        return False
+    a_leaves, a_spec = pytree.tree_flatten((a.args, a.kwargs))
+    b_leaves, b_spec = pytree.tree_flatten((b.args, b.kwargs))
+    if a_spec != b_spec:
+        return False
+    for x, y in zip(a_leaves, b_leaves):
+        if not isinstance(x, fx.Node) or not isinstance(y, fx.Node):
+            if isinstance(x, fx.Node) or isinstance(y, fx.Node) or type(x) is not type(y) or x != y:
+                return False
+        elif x in pairs or renamed_attr(x) is not x:
+            if y is not pairs.get(x, renamed_attr(x)):
+                return False
+        elif y is not x and (y not in pairs or carried.setdefault(x, y) is not y):
+            return False
+    return True
+
+
+def stitch_layers(graph: fx.Graph, stack: LayerStack) -> dict[str, str] | None:
+    """Copy traced layer 1 into layers 2 .. n-1 in ``graph`` (in place).
+
+    Returns the parameter/buffer targets the copies read (new target -> layer-1 target),
+    or ``None`` (graph untouched) when the graph does not have the expected shape.
+    """
+    nodes = list(graph.nodes)
+    owner = {node: _layer_of(node, stack) for node in nodes}
+    layers = [[n for n in nodes if owner[n] == i] for i in range(TRACED)]
+    first, second = layers
+    if not first or len(first) != len(second):
+        return None
+    position = {node: i for i, node in enumerate(nodes)}
+    start, end = position[second[0]], position[second[-1]]
+    if end - start + 1 != len(second) or position[first[-1]] > start:
+        return None  # layer 1 is not one contiguous run after layer 0
+    if any(n.op not in ("get_attr", "placeholder") for n in nodes[position[first[-1]] + 1:start]):
+        return None  # code runs between the layers: a copy would leave it out
+    prefixes = [stack.layer(i) + "." for i in range(TRACED)]
+    attrs = {n.target: n for n in nodes if n.op == "get_attr"}
+
+    def renamed_attr(node, src=prefixes[0], dst=prefixes[1]):
+        if node.op == "get_attr" and str(node.target).startswith(src):
+            return attrs.get(dst + str(node.target)[len(src):])
+        return node
+
+    pairs, carried = dict(zip(first, second)), {}
+    if not all(_same_step(a, b, pairs, renamed_attr, carried) for a, b in pairs.items()):
+        return None
+    after = nodes[end + 1:]
+    if any(arg in pairs for node in after for arg in node.all_input_nodes):
+        return None  # the code after the layers reads more than the last layer
+    return _copy_layers(graph, stack, second, pairs, after[0], attrs)
+
+
+def _copy_layers(graph: fx.Graph, stack: LayerStack, second: list, pairs: dict, after: fx.Node, attrs: dict) -> dict[str, str]:
+    source = stack.layer(1)
+    previous = dict(pairs)  # layer-0 node -> the same value in the layer before the one being copied
+    current = {node: node for node in second}
+    read: dict[str, str] = {}
+    first_node = next(iter(graph.nodes))
+    for index in range(TRACED, stack.count):
+        target_layer = stack.layer(index)
+        copies: dict[fx.Node, fx.Node] = {}
+
+        def value(arg, copies=copies, previous=previous, target_layer=target_layer):
+            if arg in copies:
+                return copies[arg]
+            if arg.op == "get_attr" and str(arg.target).startswith(source + "."):
+                target = target_layer + str(arg.target)[len(source):]
+                if target not in attrs:
+                    with graph.inserting_before(first_node):
+                        attrs[target] = graph.create_node("get_attr", target)
+                    attrs[target].meta = dict(arg.meta)
+                    read[target] = str(arg.target)
+                return attrs[target]
+            return previous.get(arg, arg)  # a layer-0 value: the same value of the layer before
+
+        with graph.inserting_before(after):
+            for node in second:
+                copy = graph.node_copy(node, value)
+                copy.meta = _module_stack_for(node.meta, source, target_layer)
+                copies[node] = copy
+        previous = {a: copies[b] for a, b in pairs.items()}
+        current = copies
+    node = after
+    while node is not None and node.op != "root":  # the code after the layers reads the last layer
+        node.args, node.kwargs = pytree.tree_map(lambda a: current.get(a, a) if isinstance(a, fx.Node) else a, (node.args, node.kwargs))
+        node = node.next
+    return read
+
+
+def same_output(model: nn.Module, stitched: fx.GraphModule, call) -> bool:
+    """Whether ``stitched`` gives bit for bit ``model``'s output on ``call`` (same random draws).
+
+    Both run with gradients enabled as in training; buffers are restored afterwards.
+    """
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    tensors = [t for t in call.flat_inputs() if isinstance(t, torch.Tensor)]
+    devices = sorted({t.device.index or 0 for t in [*tensors, *model.parameters()] if t.is_cuda})
+    outputs = []
+    try:
+        for run in (lambda: model(*call.positional, **call.keyword), lambda: stitched(*call.positional, **call.keyword)):
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.manual_seed(0)
+                outputs.append([t.detach() for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor)])
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+    except Exception:  # noqa: BLE001 -- a stitched graph that does not run is not the model
+        return False
+    want, got = outputs
+    return len(want) == len(got) and all(
+        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(want, got)
+    )
