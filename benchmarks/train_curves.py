@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import shlex
 import sys
 import time
 from dataclasses import fields
@@ -320,7 +321,7 @@ def main(argv=None) -> dict:
     size = SIZES["quick" if args.quick else "full"]
     name = args.name or ("train_curves_quick" if args.quick else "train_curves")
     began = time.perf_counter()
-    command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/train_curves.py", *(sys.argv[1:] if argv is None else argv)])
+    command = "OMP_NUM_THREADS=1 python benchmarks/train_curves.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     results = {"meta": run_meta(command=command, device="CPU (2 shared cores)", size="quick" if args.quick else "full",
                                 seed=args.seed, clip=args.clip, steps=size["steps"], warmup=size["warmup"])}
     for model in args.models:
