@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import revcompile
 from revcompile.reference import reference_vit
 
-from finetune import ByteGPT, read_corpus, text_batches, val_image_batches  # benchmarks/ is on sys.path
+from finetune import ByteGPT, image_batches, read_corpus, text_batches, val_image_batches  # benchmarks/ is on sys.path
 from results_io import run_meta
 from train_curves_report import plot, summary, tables, write
 
@@ -126,14 +126,6 @@ def digits() -> tuple[tuple, tuple]:
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
 
 
-def image_stream(split, batch: int, generator: torch.Generator):
-    images, labels = split
-    while True:
-        for chunk in torch.randperm(len(labels), generator=generator).split(batch):
-            if len(chunk) == batch:
-                yield images[chunk], labels[chunk]
-
-
 # --- the workloads --------------------------------------------------------------------------
 
 
@@ -172,7 +164,7 @@ def vit_workload(size: dict, seed: int) -> dict:
     shape = size["vit"]
     torch.manual_seed(seed)
     model = reference_vit(img_size=16, patch_size=4, in_chans=1, num_classes=10, drop=0.0, attn_drop=0.0, drop_path=0.0, **shape)
-    stream = image_stream(train, size["vit_batch"], torch.Generator().manual_seed(seed))
+    stream = image_batches(train, size["vit_batch"], torch.Generator().manual_seed(seed))
     return dict(model=model, blocks=lambda m: m.blocks, lr=size["vit_lr"], seed=seed,
                 batches=[next(stream) for _ in range(size["steps"])], val=val_image_batches(val, size["vit_batch"]),
                 data=dict(corpus="sklearn digits, 16x16", train_images=len(train[1]), val_images=len(val[1])),
