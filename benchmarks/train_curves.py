@@ -1,6 +1,6 @@
 """Training curves from scratch: original vs converted, and where the gradient-norm spike comes from.
 
-    OMP_NUM_THREADS=1 python benchmarks/train_curves.py            # GPT-2 and ViT, every arm (~25 min here, loaded)
+    OMP_NUM_THREADS=1 python benchmarks/train_curves.py            # GPT-2 and ViT, every arm (34 min here, loaded)
     OMP_NUM_THREADS=1 python benchmarks/train_curves.py --quick    # a smoke test (a few minutes)
 
 Short trainings from random weights, on data that needs no download:
