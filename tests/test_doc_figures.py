@@ -32,7 +32,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Docs whose every figure in prose is referenced. docs/benchmarks.md is not (yet): its GPU
 # check section quotes dry-run times and time limits that have no result file.
-STRICT = ["README.md", "docs/design.md", "docs/usage.md", "docs/numerics.md"]
+STRICT = ["README.md", "docs/design.md", "docs/usage.md", "docs/numerics.md", "docs/training.md"]
 
 MARKER = re.compile(r"<!--\s*result:\s*(?P<file>\S+)(?:\s+(?P<key>.*?))?\s*-->")
 NUMBER = r"\d[\d,]*(?:\.\d+)?"
