@@ -78,6 +78,8 @@ def _layout(layer: nn.Module):
 
 
 def _identical(layers: list[nn.Module]) -> bool:
+    if not all(isinstance(layer, nn.Module) for layer in layers):
+        return False  # a list with empty slots (None entries; x-transformers has them)
     first = _layout(layers[0])
     if first is None:
         return False

@@ -114,3 +114,17 @@ def test_a_stack_whose_copies_are_exact_converts_with_exact_gradients():
     plan = revcompile.explain(converted)
     assert _reused(plan) and len(plan.blocks) == 5
     assert_gradients_match(converted, (x,), tol=1e-10)
+
+
+def test_a_list_with_empty_slots_is_not_a_stack():
+    """x-transformers keeps ``None`` in some of its ModuleLists: such a list is no layer stack."""
+    from revcompile.layer_reuse import find_layer_stack
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(5)])
+            self.layers.append(None)
+            self.norms = nn.ModuleList([None, nn.LayerNorm(4), None, nn.LayerNorm(4), nn.LayerNorm(4)])
+
+    assert find_layer_stack(Holder()) is None
