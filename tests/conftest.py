@@ -6,11 +6,37 @@ tests do not take the library's own checker on trust.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils import _pytree as pytree
 
 import revcompile
+
+SLOW_TESTS_FILE = Path(__file__).with_name("slow_tests.txt")
+
+
+def _slow_tests() -> set[str]:
+    lines = (line.split("#", 1)[0].strip() for line in SLOW_TESTS_FILE.read_text().splitlines())
+    return {line for line in lines if line}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests listed in slow_tests.txt slow (before ``-m`` selects), and refuse a
+    list that names a test no longer collected when the whole suite is (a stale list would
+    quietly move a slow test into the default run)."""
+    slow = _slow_tests()
+    for item in items:
+        if item.nodeid in slow:
+            item.add_marker(pytest.mark.slow)
+    files = {item.nodeid.split("::", 1)[0] for item in items}
+    every_file = {f"tests/{path.name}" for path in SLOW_TESTS_FILE.parent.glob("test_*.py")}
+    stale = slow - {item.nodeid for item in items}
+    if files >= every_file and stale:
+        raise pytest.UsageError(f"{SLOW_TESTS_FILE.name} names tests that do not exist: {sorted(stale)}")
+
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device; the CPU variant of this test always runs")
