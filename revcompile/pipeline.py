@@ -162,6 +162,8 @@ class TracedCall:
 
     trace: Trace  # normalised; never modified (compile_variant works on a copy)
     notes: tuple[str, ...]
+    # (post_norm, exclusions) -> detection's plan on this trace: candidates share most of theirs
+    detections: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def trace_call(model: nn.Module, call: CallSignature, tracer: str, training: bool, post_norm: str = "skip",
@@ -203,18 +205,30 @@ def trace_call(model: nn.Module, call: CallSignature, tracer: str, training: boo
         for key, value in call.injected.items()
     )
     traced = TracedCall(trace, tuple(notes))
+    traced.detections[_detection_key(post_norm, excluded)] = plan
     return traced, replace(plan, tracer=trace.tracer, notes=plan.notes + traced.notes)
 
 
+def _detection_key(post_norm: str, excluded: dict | None) -> tuple:
+    return post_norm, tuple(sorted((excluded or {}).items()))
+
+
 def _detect(traced: TracedCall, post_norm: str, excluded: dict | None) -> Plan:
-    """Detection on an existing trace: the plan ``trace_call`` would give with these exclusions."""
-    plan = find_reversible_blocks(traced.trace.graph_module, post_norm=post_norm, excluded=excluded)
+    """Detection on an existing trace (once per exclusions): the plan ``trace_call`` would give."""
+    key = _detection_key(post_norm, excluded)
+    if key not in traced.detections:
+        traced.detections[key] = find_reversible_blocks(traced.trace.graph_module, post_norm=post_norm, excluded=excluded)
+    plan = traced.detections[key]
     return replace(plan, tracer=traced.trace.tracer, notes=plan.notes + traced.notes)
 
 
-def _own_copy(trace: Trace) -> Trace:
-    """``trace`` with a graph module of its own (lifting constants renames its nodes' targets)."""
+def _own_copy(trace: Trace, model: nn.Module) -> Trace:
+    """``trace`` with a graph module of its own if lifting constants would rename its nodes'
+    targets (the rest of compiling copies before it changes anything)."""
     gm = trace.graph_module
+    reads = (str(node.target) for node in gm.graph.nodes if node.op == "get_attr")
+    if all(_resolves(model, target) and _registered_at_top(model, target) for target in reads):
+        return trace
     return replace(trace, graph_module=fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__))
 
 
@@ -243,10 +257,10 @@ def compile_variant(
     modes = block_modes or BlockModes()
     excluded_here = {**(excluded or {}), **modes.reasons()}
     if traced is None:  # a trace of its own: modified in place below
-        fresh, plan = trace_call(model, call, tracer, training, post_norm, excluded_here)
-        trace = fresh.trace
+        traced, plan = trace_call(model, call, tracer, training, post_norm, excluded_here)
+        trace = traced.trace
     else:
-        plan, trace = _detect(traced, post_norm, excluded_here), _own_copy(traced.trace)
+        plan, trace = _detect(traced, post_norm, excluded_here), _own_copy(traced.trace, model)
     if not plan.blocks and require_blocks and not modes.kept_blocks():
         raise _nothing_convertible(model, plan)
 
@@ -256,7 +270,7 @@ def compile_variant(
     result = rewrite_reversible(trace.graph_module, plan)
     rewritten, regions = result.graph_module, ()
     if modes.checkpointed or modes.recomputed:
-        every_block = find_reversible_blocks(trace.graph_module, post_norm=post_norm, excluded=excluded).blocks
+        every_block = _detect(traced, post_norm, excluded).blocks
         by_name = {block.name: block for block in every_block}
         cuts = tuple(block_run(tuple(by_name[n] for n in run)) for run in modes.checkpointed)
         cuts += tuple(node_cut(trace.graph_module, nodes) for nodes in modes.recomputed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import re
 
+import pytest
 import torch
 
 from revcompile.passes.couplings import make_coupling
@@ -21,6 +22,7 @@ from revcompile.pipeline import BlockModes
 from revcompile.planner import _chain_costs, build_planned, trace_for_planning
 from revcompile.reference import example_inputs, reference_vit
 from revcompile.simulate import simulate_step_peak
+from tests import blocks as B
 from tests.test_planner import _random_chain, _random_gaps
 
 
@@ -59,6 +61,37 @@ def test_candidates_from_one_trace_are_the_fresh_conversions():
         assert torch.equal(_outputs(shared, args), _outputs(fresh, args))
         assert simulate_step_peak(shared, args).peak_bytes == simulate_step_peak(fresh, args).peak_bytes
     assert traced.trace.graph_module.code == before
+
+
+class _WithConstants(B.PlainPositionStack):
+    """Plain tensor attributes read from the original, and a constant the tracer makes."""
+
+    def forward(self, x):
+        return super().forward(x) * torch.tensor([2.0])
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_candidates_from_one_trace_lift_constants_and_read_plain_attributes_as_fresh_conversions(tracer):
+    torch.manual_seed(0)
+    model, x = _WithConstants(depth=3), B.tokens()
+    settings = dict(tracer=tracer, coupling=make_coupling("revvit"), post_norm="skip", streams="exact")
+    traced = trace_for_planning(model, (x,), {}, tracer=tracer, post_norm="skip")
+    before = traced.trace.graph_module.code
+    names = [b.name for b in build_planned(model, (x,), {}, **settings).reversible_plan.blocks]
+    assert len(names) == 3
+    built = []
+    for modes in [BlockModes(), BlockModes(stored=(names[0],), checkpointed=((names[2],),))]:
+        shared = build_planned(model, (x,), {}, block_modes=modes, traced=traced, **settings)
+        fresh = build_planned(model, (x,), {}, block_modes=modes, **settings)
+        assert shared.reversible_plan.signature() == fresh.reversible_plan.signature()
+        assert _code(shared) == _code(fresh)
+        assert torch.equal(_outputs(shared, (x,)), _outputs(fresh, (x,)))
+        built.append((shared, fresh, _outputs(shared, (x,))))
+    assert traced.trace.graph_module.code == before
+    model.pos_embedding = model.pos_embedding + 1  # reassigned on the original: every candidate sees it
+    for shared, fresh, earlier in built:
+        assert torch.equal(_outputs(shared, (x,)), _outputs(fresh, (x,)))
+        assert not torch.equal(_outputs(shared, (x,)), earlier)
 
 
 def test_a_plan_chosen_without_the_reversible_working_memory_and_without_reversible_blocks_is_the_plan_with_it():
