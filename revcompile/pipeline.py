@@ -15,6 +15,7 @@ The result, a ``CompiledVariant``, holds no reference to the model: it is bound 
 from __future__ import annotations
 
 import copy
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 
@@ -162,6 +163,7 @@ class TracedCall:
 
     trace: Trace  # normalised; never modified (compile_variant works on a copy)
     notes: tuple[str, ...]
+    seconds: float = field(default=0.0, compare=False)  # what tracing, normalising and detecting took
     # (post_norm, exclusions) -> detection's plan on this trace: candidates share most of theirs
     detections: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -172,6 +174,7 @@ def trace_call(model: nn.Module, call: CallSignature, tracer: str, training: boo
 
     The plan's notes say which tracer failed and why, and which arguments revcompile fixed.
     """
+    started = time.perf_counter()
     attempts = ("fx", "export") if tracer == "auto" else (tracer,)
     failures: list[TraceFailed] = []
     notes: list[str] = []
@@ -204,7 +207,7 @@ def trace_call(model: nn.Module, call: CallSignature, tracer: str, training: boo
         f"{key}={value!r} is passed to the model: a key/value cache would keep every layer's keys and values alive"
         for key, value in call.injected.items()
     )
-    traced = TracedCall(trace, tuple(notes))
+    traced = TracedCall(trace, tuple(notes), seconds=time.perf_counter() - started)
     traced.detections[_detection_key(post_norm, excluded)] = plan
     return traced, replace(plan, tracer=trace.tracer, notes=plan.notes + traced.notes)
 

@@ -155,14 +155,16 @@ def _modes_of(chain: tuple[BlockCost, ...], gaps: tuple[GapCost, ...], plan: Cha
 
 def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs: dict | None = None, *,
                 tracer: str = "auto", coupling: Coupling | None = None, post_norm: str = "skip",
-                streams: str = "exact", between_blocks: bool = True) -> MemoryPlan:
+                streams: str = "exact", between_blocks: bool = True, traced: TracedCall | None = None) -> MemoryPlan:
     """The plan with the least recompute whose simulated step peak is within ``budget``.
 
     ``budget``: bytes, or a string with units (``"6GiB"``), for the step's activations and
     working memory above parameters and gradients. Raises ``ReportError`` naming the
     smallest budget that can be met when none fits, ``ConversionError`` when the model
     does not convert. ``between_blocks=False`` plans the blocks only (the graph between
-    them stored, as before regions were planned: for comparison).
+    them stored, as before regions were planned: for comparison). ``traced``: the model
+    already traced for this call (``trace_for_planning``), for a caller that converts the
+    chosen plan from the same trace (``convert``); its tracing time counts as planning.
     """
     from revcompile.passes.couplings import RevViT
 
@@ -171,7 +173,10 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     coupling = coupling or RevViT()
-    traced = trace_for_planning(model, args, kwargs, tracer=tracer, post_norm=post_norm)
+    if traced is None:
+        traced = trace_for_planning(model, args, kwargs, tracer=tracer, post_norm=post_norm)
+    else:
+        started -= traced.seconds
     build = lambda modes: build_planned(model, args, kwargs, tracer=tracer, coupling=coupling,  # noqa: E731
                                         post_norm=post_norm, streams=streams, block_modes=modes, traced=traced)
     candidates = _Candidates(model, args, kwargs, build)

@@ -116,3 +116,23 @@ def test_a_plan_chosen_without_the_reversible_working_memory_and_without_reversi
         assert counted.extra_flops == guessed.extra_flops
     # both branches of the planner were exercised, and counting the working memory does change plans that pay it
     assert without > 30 and with_reversible > 10 and changed > 5
+
+
+def test_convert_with_a_budget_runs_the_chosen_plan_as_a_fresh_conversion_of_it():
+    """``convert(memory_budget=)`` converts the plan from the planner's own trace: the same model as converting anew."""
+    import revcompile
+
+    torch.manual_seed(0)
+    model = reference_vit(depth=6, dim=32, heads=2, num_classes=4)
+    args = example_inputs(model, batch_size=2)
+    settings = dict(tracer="auto", coupling=make_coupling("revvit"), post_norm="skip", streams="exact")
+    original = simulate_step_peak(model, args).peak_bytes
+    reversible = simulate_step_peak(build_planned(model, args, {}, **settings), args).peak_bytes
+    converted = revcompile.convert(model, args, memory_budget=(original + reversible) // 2, check_conversion=False)
+    plan = revcompile.memory_plan(converted)
+    assert not plan.keeps_original and set(plan.modes.values()) != {0, 6}  # a mixed plan
+    fresh = build_planned(model, args, {}, block_modes=plan.block_modes, **settings)
+    assert converted.reversible_plan.signature() == fresh.reversible_plan.signature()
+    assert _code(converted) == _code(fresh)
+    assert torch.equal(_outputs(converted, args), _outputs(fresh, args))
+    assert simulate_step_peak(converted, args).peak_bytes == plan.predicted_peak <= plan.budget
