@@ -133,8 +133,8 @@ def trace_for_planning(model: nn.Module, args: tuple, kwargs: dict, *, tracer: s
 class _Candidates:
     """The plans one ``plan_memory`` call tries: built from one trace, each simulated once."""
 
-    def __init__(self, model: nn.Module, args: tuple, kwargs: dict, build):
-        self.model, self.args, self.kwargs, self.build = model, args, kwargs, build
+    def __init__(self, args: tuple, kwargs: dict, build):
+        self.args, self.kwargs, self.build = args, kwargs, build
         self.reversible = build(None)  # every block reversible: the costs are measured on it
         self.peaks: dict[BlockModes, int] = {}
 
@@ -179,7 +179,7 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
         started -= traced.seconds
     build = lambda modes: build_planned(model, args, kwargs, tracer=tracer, coupling=coupling,  # noqa: E731
                                         post_norm=post_norm, streams=streams, block_modes=modes, traced=traced)
-    candidates = _Candidates(model, args, kwargs, build)
+    candidates = _Candidates(args, kwargs, build)
     chain, gaps, step_flops = _chain_costs(candidates.reversible, args, kwargs, coupling, streams)
     gaps = gaps if between_blocks else ()
     tracer = candidates.reversible.reversible_plan.tracer
@@ -190,8 +190,8 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
         time.perf_counter() - started)
     if original_peak <= budget:
         return done(BlockModes(stored=tuple(b.name for b in chain)), everything("stored"), original_peak, 0.0)
-    # What the chain model leaves out, from the two uniform plans simulated: the rest of the
-    # step (as in the original) and a reversible backward's own working memory.
+    # What the chain model leaves out: the rest of the step (as in the original, simulated),
+    # and a reversible backward's own working memory (every block reversible, simulated when a plan needs it).
     outside = original_peak - uniform_plan(chain, "stored", 0, gaps).peak
     working = lambda: max(0, candidates.peak(BlockModes()) - outside - uniform_plan(chain, "reversible", 0, gaps).peak)  # noqa: E731
     found = _search(chain, gaps, budget, outside, working, candidates)
