@@ -16,6 +16,7 @@ by round, median of the rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -110,8 +111,51 @@ def _hierarchical(rounds: int) -> dict:
             **{f"{k} {m}": v for k, d in measured.items() for m, v in d.items()}}
 
 
-def _dp_seconds(args, depth48_budget_fraction: float = 0.3) -> dict:
-    """How long the DPs alone take on a 48-block ViT (its gaps included), and the whole planner at 60% of its peak."""
+# plan_memory's parts, timed where revcompile.planner calls them (wall seconds per call, summed)
+_PARTS = {"trace_for_planning": "trace (fx, fake propagation, normalize, detect)", "build_planned": "convert a candidate from the trace",
+          "_chain_costs": "block and gap costs (fake interpretation, lower-set DPs)", "simulate_step_peak": "simulate a whole step",
+          "plan_chain": "chain DP"}
+
+
+@contextlib.contextmanager
+def _timed_parts(spent: dict):
+    """Time ``_PARTS`` inside ``revcompile.planner`` while the block runs: ``spent[label] = [calls, seconds]``."""
+    import revcompile.planner as planner
+
+    originals = {name: getattr(planner, name) for name in _PARTS}
+
+    def timed(name, function):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                entry = spent.setdefault(_PARTS[name], [0, 0.0])
+                entry[0], entry[1] = entry[0] + 1, entry[1] + time.perf_counter() - started
+        return call
+
+    for name, function in originals.items():
+        setattr(planner, name, timed(name, function))
+    try:
+        yield spent
+    finally:
+        for name, function in originals.items():
+            setattr(planner, name, function)
+
+
+def _plan_memory_parts(model, args, budget: int, repeats: int) -> tuple[list, dict]:
+    """``repeats`` plans of ``model`` for ``budget``, and per part its calls and median seconds over the runs."""
+    plans, runs = [], []
+    for _ in range(repeats):
+        with _timed_parts({}) as spent:
+            plans.append(revcompile.plan_memory(model, args, budget))
+        runs.append(spent)
+    parts = {label: {"calls": runs[0][label][0], "seconds": statistics.median(r[label][1] for r in runs)} for label in runs[0]}
+    return plans, parts
+
+
+def _dp_seconds(args, depth48_budget_fraction: float = 0.3, repeats: int = 3) -> dict:
+    """How long the DPs alone take on a 48-block ViT (its gaps included), and the whole planner at 60% of its peak (median of ``repeats``)."""
     deep = reference_vit(depth=48, dim=192, heads=3, num_classes=10)
     converted = build_planned(deep, args, {}, tracer="auto", coupling=RevViT(), post_norm="skip", streams="exact")
     started = time.perf_counter()
@@ -124,9 +168,11 @@ def _dp_seconds(args, depth48_budget_fraction: float = 0.3) -> dict:
         plan_chain(chain, int(total * fraction), 0, gaps)
         timings.append(time.perf_counter() - started)
     original = revcompile.simulate.simulate_step_peak(deep, args).peak_bytes
-    whole = revcompile.plan_memory(deep, args, int(original * 0.6))
+    whole, parts = _plan_memory_parts(deep, args, int(original * 0.6), repeats)
     return {"blocks": len(chain), "gaps": len(gaps), "cost_measurement_seconds": measured, "dp_seconds_max": max(timings),
-            "plan_memory_seconds": whole.planning_seconds}
+            "plan_memory_seconds": statistics.median(p.planning_seconds for p in whole),
+            "plan_memory_seconds_each": [p.planning_seconds for p in whole], "plan_memory_plan": whole[0].summary(),
+            "plan_memory_parts": [{"part": label, **part} for label, part in parts.items()]}
 
 
 def _markdown(meta: dict, rows: list[dict], uniform: dict, dp: dict, h: dict) -> str:
@@ -150,7 +196,9 @@ def _markdown(meta: dict, rows: list[dict], uniform: dict, dp: dict, h: dict) ->
               f"measuring the blocks' costs on fake tensors: {dp['cost_measurement_seconds']:.1f} s."]
     if "plan_memory_seconds" in dp:
         lines += [f"With its {dp['gaps']} gaps: the whole `plan_memory` at 60% of the original's peak took "
-                  f"{dp['plan_memory_seconds']:.1f} s (costs, DPs and the simulated steps)."]
+                  f"{dp['plan_memory_seconds']:.1f} s, median of {len(dp.get('plan_memory_seconds_each', [0]))} "
+                  "(batch 2), in parts (median seconds of the runs):", "", "| part | calls | seconds |", "|---|---|---|"]
+        lines += [f"| {p['part']} | {p['calls']} | {p['seconds']:.2f} s |" for p in dp.get("plan_memory_parts", [])]
     lines += ["", f"{h['model']}, budget {h['budget'] / MiB:.1f} MiB (the all-reversible step's peak): {h['plan']}.", "",
               "| | measured peak | step |", "|---|---|---|",
               *(f"| {name} | {h[name + ' peak_bytes'] / MiB:.1f} MiB | {h[name + ' seconds']:.3f} s |"

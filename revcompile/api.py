@@ -16,7 +16,7 @@ from revcompile.distance import function_distance
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS, bind_call, training_defaults
 from revcompile.inputs import check_example_inputs
-from revcompile.planner import MemoryPlan, plan_memory
+from revcompile.planner import MemoryPlan, plan_memory, trace_for_planning
 from revcompile.sketch import SketchConfig
 from revcompile.runtime import BACKWARD_MODES, ReconstructionDrift
 from revcompile.runtime.sharding import fsdp_modules
@@ -112,9 +112,11 @@ def convert(
         raise ConversionError(
             f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
         ) from None
-    memory_plan = None
-    if memory_budget is not None:
-        memory_plan = plan_memory(model, args, memory_budget, kwargs, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams)
+    memory_plan = traced = None
+    if memory_budget is not None:  # the plan's conversion reuses the planner's trace
+        traced = trace_for_planning(model, args, kwargs, tracer=tracer, post_norm=post_norm)
+        memory_plan = plan_memory(model, args, memory_budget, kwargs, tracer=tracer, coupling=chosen, post_norm=post_norm,
+                                  streams=streams, traced=traced)
         tracer = memory_plan.tracer
     converted = ReversibleModel(
         model, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction,
@@ -122,7 +124,7 @@ def convert(
     )
     converted.__dict__["_rc_memory_plan"] = memory_plan
     converted.__dict__["_rc_as_original"] = bool(memory_plan and memory_plan.keeps_original and not sketch_linears)
-    converted.compile_for(args, kwargs)
+    converted.compile_for(args, kwargs, traced=traced)
     if check_conversion:
         check_converted_model(converted, args, kwargs)
     if isinstance(chosen, DualResidual):  # a pretrained model's user needs this before fine-tuning

@@ -29,7 +29,7 @@ from revcompile.passes.checkpoint import CheckpointCall
 from revcompile.passes.rewrite import SegmentCall
 from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, bind_call, training_defaults
-from revcompile.pipeline import ORIGINAL_ATTRIBUTES, BlockModes, CompiledVariant, compile_variant
+from revcompile.pipeline import ORIGINAL_ATTRIBUTES, BlockModes, CompiledVariant, TracedCall, compile_variant
 from revcompile.passes.couplings import Coupling
 from revcompile.runtime import ReversibleSegment, RuntimeSettings, bind_graph
 from revcompile.runtime.checkpointed import CheckpointedRegion
@@ -173,7 +173,7 @@ class ReversibleModel(nn.Module):
         original._parameters.update(self._parameters)
         original._buffers.update({k: v for k, v in self._buffers.items() if not k.startswith("_revcompile_constant_")})
 
-    def _compile(self, call: CallSignature) -> BoundVariant:
+    def _compile(self, call: CallSignature, traced: TracedCall | None = None) -> BoundVariant:
         self._sync_original()
         expected = self._rc_plan
         compiled = compile_variant(
@@ -182,6 +182,7 @@ class ReversibleModel(nn.Module):
             excluded=self._rc_excluded,
             sketch_linears=self._rc_sketch,
             block_modes=self._rc_block_modes,
+            traced=traced,
         )
         if expected is not None and compiled.plan.signature() != expected.signature():
             raise ConversionError(
@@ -206,7 +207,7 @@ class ReversibleModel(nn.Module):
     def _bind(self, compiled: CompiledVariant) -> BoundVariant:
         return BoundVariant(compiled, self, self._rc_settings)
 
-    def _variant_for(self, call: CallSignature) -> BoundVariant:
+    def _variant_for(self, call: CallSignature, traced: TracedCall | None = None) -> BoundVariant:
         key = self._state_key(call)
         variants = self._rc_variants.setdefault(key, [])
         for variant in variants:
@@ -214,15 +215,16 @@ class ReversibleModel(nn.Module):
                 return variant
         if self._rc_plan is not None:
             log.info("revcompile: tracing a new variant of %s (training=%s)", type(self._rc_original).__name__, self.training)
-        variant = self._compile(call)
+        variant = self._compile(call, traced)
         variants.append(variant)
         return variant
 
-    def compile_for(self, args: tuple, kwargs: dict) -> BoundVariant:
-        """Trace and convert for one example call (what ``convert`` does first)."""
+    def compile_for(self, args: tuple, kwargs: dict, traced: TracedCall | None = None) -> BoundVariant:
+        """Trace and convert for one example call (what ``convert`` does first); ``traced``:
+        the original already traced for this call (``revcompile.pipeline.trace_call``)."""
         self.__dict__["_rc_injected"] = training_defaults(self._rc_original, kwargs)
         call = bind_call(self._rc_original, args, kwargs, self._rc_injected)
-        return self._variant_for(call)
+        return self._variant_for(call, traced)
 
     def exclude_blocks(self, reasons: dict[str, str], args: tuple, kwargs: dict) -> None:
         """Convert again for the example call with these blocks (name -> reason) left as

@@ -14,6 +14,8 @@ The result, a ``CompiledVariant``, holds no reference to the model: it is bound 
 
 from __future__ import annotations
 
+import copy
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 
@@ -29,7 +31,7 @@ from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, Trace, TraceFailed, trace_model
 from revcompile.sketch import sketch_compiled
 
-__all__ = ["BlockModes", "CompiledVariant", "compile_variant", "ORIGINAL_ATTRIBUTES"]
+__all__ = ["BlockModes", "CompiledVariant", "TracedCall", "compile_variant", "trace_call", "ORIGINAL_ATTRIBUTES"]
 
 # Where a converted graph reads the original model's plain attributes (tensors assigned to
 # the model that are neither parameters nor buffers): a submodule of that name on the
@@ -148,12 +150,31 @@ def _nothing_convertible(model: nn.Module, plan: Plan) -> ConversionError:
     )
 
 
-def _trace_and_detect(model: nn.Module, call: CallSignature, tracer: str, training: bool, post_norm: str,
-                      excluded: dict | None) -> tuple[Trace, Plan]:
+@dataclass(frozen=True)
+class TracedCall:
+    """A model traced and normalised for one call: what the conversions of one call share.
+
+    A memory plan's candidates (``revcompile.planner``) differ only in which blocks they
+    leave out and how, i.e. in detection's ``excluded`` and in the rewrite: tracing and
+    normalising -- most of a conversion's time -- is done once and the graph copied per
+    candidate. ``notes``: what tracing adds to a plan's notes (tracer fallbacks, injected
+    arguments). Holds the model's submodules (the graph module calls them).
+    """
+
+    trace: Trace  # normalised; never modified (compile_variant works on a copy)
+    notes: tuple[str, ...]
+    seconds: float = field(default=0.0, compare=False)  # what tracing, normalising and detecting took
+    # (post_norm, exclusions) -> detection's plan on this trace: candidates share most of theirs
+    detections: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def trace_call(model: nn.Module, call: CallSignature, tracer: str, training: bool, post_norm: str = "skip",
+               excluded: dict | None = None) -> tuple[TracedCall, Plan]:
     """Trace (fx, then export for ``"auto"``), normalize and detect; the trace that converts most.
 
     The plan's notes say which tracer failed and why, and which arguments revcompile fixed.
     """
+    started = time.perf_counter()
     attempts = ("fx", "export") if tracer == "auto" else (tracer,)
     failures: list[TraceFailed] = []
     notes: list[str] = []
@@ -186,7 +207,32 @@ def _trace_and_detect(model: nn.Module, call: CallSignature, tracer: str, traini
         f"{key}={value!r} is passed to the model: a key/value cache would keep every layer's keys and values alive"
         for key, value in call.injected.items()
     )
-    return trace, replace(plan, tracer=trace.tracer, notes=plan.notes + tuple(notes))
+    traced = TracedCall(trace, tuple(notes), seconds=time.perf_counter() - started)
+    traced.detections[_detection_key(post_norm, excluded)] = plan
+    return traced, replace(plan, tracer=trace.tracer, notes=plan.notes + traced.notes)
+
+
+def _detection_key(post_norm: str, excluded: dict | None) -> tuple:
+    return post_norm, tuple(sorted((excluded or {}).items()))
+
+
+def _detect(traced: TracedCall, post_norm: str, excluded: dict | None) -> Plan:
+    """Detection on an existing trace (once per exclusions): the plan ``trace_call`` would give."""
+    key = _detection_key(post_norm, excluded)
+    if key not in traced.detections:
+        traced.detections[key] = find_reversible_blocks(traced.trace.graph_module, post_norm=post_norm, excluded=excluded)
+    plan = traced.detections[key]
+    return replace(plan, tracer=traced.trace.tracer, notes=plan.notes + traced.notes)
+
+
+def _own_copy(trace: Trace, model: nn.Module) -> Trace:
+    """``trace`` with a graph module of its own if lifting constants would rename its nodes'
+    targets (the rest of compiling copies before it changes anything)."""
+    gm = trace.graph_module
+    reads = (str(node.target) for node in gm.graph.nodes if node.op == "get_attr")
+    if all(_resolves(model, target) and _registered_at_top(model, target) for target in reads):
+        return trace
+    return replace(trace, graph_module=fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__))
 
 
 def compile_variant(
@@ -200,6 +246,7 @@ def compile_variant(
     excluded: dict | None = None,
     sketch_linears=None,
     block_modes: BlockModes | None = None,
+    traced: TracedCall | None = None,
 ) -> CompiledVariant:
     """Compile ``model`` for one call. ``tracer='auto'`` tries fx, then torch.export.
 
@@ -207,9 +254,16 @@ def compile_variant(
     later variants are compared with the first one by the caller instead. ``excluded``
     maps block names to the reason they stay as they are. ``block_modes`` (a memory plan's,
     ``revcompile.planner``) keeps some blocks stored and checkpoints runs of others.
+    ``traced``: ``model`` already traced for ``call`` (``trace_call``; same ``training``),
+    reused instead of tracing again.
     """
     modes = block_modes or BlockModes()
-    trace, plan = _trace_and_detect(model, call, tracer, training, post_norm, {**(excluded or {}), **modes.reasons()})
+    excluded_here = {**(excluded or {}), **modes.reasons()}
+    if traced is None:  # a trace of its own: modified in place below
+        traced, plan = trace_call(model, call, tracer, training, post_norm, excluded_here)
+        trace = traced.trace
+    else:
+        plan, trace = _detect(traced, post_norm, excluded_here), _own_copy(traced.trace, model)
     if not plan.blocks and require_blocks and not modes.kept_blocks():
         raise _nothing_convertible(model, plan)
 
@@ -219,7 +273,7 @@ def compile_variant(
     result = rewrite_reversible(trace.graph_module, plan)
     rewritten, regions = result.graph_module, ()
     if modes.checkpointed or modes.recomputed:
-        every_block = find_reversible_blocks(trace.graph_module, post_norm=post_norm, excluded=excluded).blocks
+        every_block = _detect(traced, post_norm, excluded).blocks
         by_name = {block.name: block for block in every_block}
         cuts = tuple(block_run(tuple(by_name[n] for n in run)) for run in modes.checkpointed)
         cuts += tuple(node_cut(trace.graph_module, nodes) for nodes in modes.recomputed)

@@ -19,6 +19,13 @@ those for a memory cap). It works in three moves:
    simulated step fits (it is exact byte for byte on CPU, and what CUDA's allocator adds is
    ``reserve`` in ``revcompile.budget``).
 
+What planning costs is tracing and simulating on fake tensors, so each is done as rarely as
+the guarantee allows: the model is traced once and every candidate converted from that
+trace (``revcompile.pipeline.TracedCall``); the every-block-reversible step is simulated
+only when a chosen plan has reversible blocks (its peak prices a reversible backward's
+working memory, which only such plans pay, so without it the DP picks the same plan); and
+no plan is simulated twice.
+
 Within a plan every block computes what it computed before, except the reversible ones,
 which compute the model's coupling: with ``coupling="dual"`` that is within ``beta`` of the
 original, so a budget changes the memory and the time, not the function (pretrained
@@ -36,13 +43,14 @@ from torch import nn
 from revcompile.budget import ReportError, format_bytes, parse_bytes
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
+from revcompile.frontend import bind_call, training_defaults
 from revcompile.passes.block_costs import measure_plan_costs
 from revcompile.passes.couplings import Coupling
 from revcompile.passes.recompute import BlockCost, ChainPlan, GapCost, plan_chain, uniform_plan
-from revcompile.pipeline import BlockModes
+from revcompile.pipeline import BlockModes, TracedCall, trace_call
 from revcompile.simulate import simulate_step_peak
 
-__all__ = ["MemoryPlan", "plan_memory", "build_planned", "planned_peak"]
+__all__ = ["MemoryPlan", "plan_memory", "build_planned", "trace_for_planning", "planned_peak"]
 
 _ATTEMPTS = 6
 
@@ -57,7 +65,7 @@ class MemoryPlan:
     block_modes: BlockModes
     predicted_peak: int  # the planned step, simulated
     original_peak: int  # the original step, simulated
-    reversible_peak: int | None  # every block reversible, simulated (None when the original fits)
+    reversible_peak: int | None  # every block reversible, simulated (None when planning did not need it)
     extra_flops: float  # recomputed forwards per step
     step_flops: float  # the blocks' share of a step: forward + backward, ~3x their forward FLOPs
     planning_seconds: float
@@ -106,12 +114,36 @@ class MemoryPlan:
 
 
 def build_planned(model: nn.Module, args: tuple, kwargs: dict, *, tracer: str, coupling: Coupling, post_norm: str,
-                  streams: str, block_modes: BlockModes | None = None, **options) -> ReversibleModel:
-    """``model`` converted with ``block_modes`` and compiled for the example call."""
+                  streams: str, block_modes: BlockModes | None = None, traced: TracedCall | None = None,
+                  **options) -> ReversibleModel:
+    """``model`` converted with ``block_modes`` and compiled for the example call
+    (from ``traced``, ``trace_for_planning``'s trace of that call, when given)."""
     converted = ReversibleModel(model, tracer=tracer, coupling=coupling, post_norm=post_norm, streams=streams,
                                 block_modes=block_modes, **options)
-    converted.compile_for(args, kwargs)
+    converted.compile_for(args, kwargs, traced=traced)
     return converted
+
+
+def trace_for_planning(model: nn.Module, args: tuple, kwargs: dict, *, tracer: str, post_norm: str) -> TracedCall:
+    """``model`` traced and normalised for the example call as ``build_planned`` traces it, to build many plans from."""
+    call = bind_call(model, args, kwargs, training_defaults(model, kwargs))
+    return trace_call(model, call, tracer, model.training, post_norm)[0]
+
+
+class _Candidates:
+    """The plans one ``plan_memory`` call tries: built from one trace, each simulated once."""
+
+    def __init__(self, args: tuple, kwargs: dict, build):
+        self.args, self.kwargs, self.build = args, kwargs, build
+        self.reversible = build(None)  # every block reversible: the costs are measured on it
+        self.peaks: dict[BlockModes, int] = {}
+
+    def peak(self, modes: BlockModes) -> int:
+        """The simulated step peak of the plan that keeps ``modes`` (``BlockModes()``: every block reversible)."""
+        if modes not in self.peaks:
+            model = self.reversible if modes == BlockModes() else self.build(modes)
+            self.peaks[modes] = simulate_step_peak(model, self.args, self.kwargs).peak_bytes
+        return self.peaks[modes]
 
 
 def _modes_of(chain: tuple[BlockCost, ...], gaps: tuple[GapCost, ...], plan: ChainPlan) -> BlockModes:
@@ -123,14 +155,16 @@ def _modes_of(chain: tuple[BlockCost, ...], gaps: tuple[GapCost, ...], plan: Cha
 
 def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs: dict | None = None, *,
                 tracer: str = "auto", coupling: Coupling | None = None, post_norm: str = "skip",
-                streams: str = "exact", between_blocks: bool = True) -> MemoryPlan:
+                streams: str = "exact", between_blocks: bool = True, traced: TracedCall | None = None) -> MemoryPlan:
     """The plan with the least recompute whose simulated step peak is within ``budget``.
 
     ``budget``: bytes, or a string with units (``"6GiB"``), for the step's activations and
     working memory above parameters and gradients. Raises ``ReportError`` naming the
     smallest budget that can be met when none fits, ``ConversionError`` when the model
     does not convert. ``between_blocks=False`` plans the blocks only (the graph between
-    them stored, as before regions were planned: for comparison).
+    them stored, as before regions were planned: for comparison). ``traced``: the model
+    already traced for this call (``trace_for_planning``), for a caller that converts the
+    chosen plan from the same trace (``convert``); its tracing time counts as planning.
     """
     from revcompile.passes.couplings import RevViT
 
@@ -139,37 +173,61 @@ def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     coupling = coupling or RevViT()
+    if traced is None:
+        traced = trace_for_planning(model, args, kwargs, tracer=tracer, post_norm=post_norm)
+    else:
+        started -= traced.seconds
     build = lambda modes: build_planned(model, args, kwargs, tracer=tracer, coupling=coupling,  # noqa: E731
-                                        post_norm=post_norm, streams=streams, block_modes=modes)
-    reversible = build(None)
-    chain, gaps, step_flops = _chain_costs(reversible, args, kwargs, coupling, streams)
+                                        post_norm=post_norm, streams=streams, block_modes=modes, traced=traced)
+    candidates = _Candidates(args, kwargs, build)
+    chain, gaps, step_flops = _chain_costs(candidates.reversible, args, kwargs, coupling, streams)
     gaps = gaps if between_blocks else ()
-    tracer = reversible.reversible_plan.tracer
+    tracer = candidates.reversible.reversible_plan.tracer
     original_peak = simulate_step_peak(model, args, kwargs).peak_bytes
     everything = lambda mode: ((name.name, mode) for name in chain)  # noqa: E731
-    done = lambda modes, blocks, peak, all_reversible, flops: MemoryPlan(  # noqa: E731
-        budget, tracer, tuple(blocks), modes, peak, original_peak, all_reversible, flops, step_flops, time.perf_counter() - started)
+    done = lambda modes, blocks, peak, flops: MemoryPlan(  # noqa: E731
+        budget, tracer, tuple(blocks), modes, peak, original_peak, candidates.peaks.get(BlockModes()), flops, step_flops,
+        time.perf_counter() - started)
     if original_peak <= budget:
-        return done(BlockModes(stored=tuple(b.name for b in chain)), everything("stored"), original_peak, None, 0.0)
-    all_reversible = simulate_step_peak(reversible, args, kwargs).peak_bytes
-    # What the chain model leaves out, from the two uniform plans simulated: the rest of the
-    # step (as in the original) and a reversible backward's own working memory.
+        return done(BlockModes(stored=tuple(b.name for b in chain)), everything("stored"), original_peak, 0.0)
+    # What the chain model leaves out: the rest of the step (as in the original, simulated),
+    # and a reversible backward's own working memory (every block reversible, simulated when a plan needs it).
     outside = original_peak - uniform_plan(chain, "stored", 0, gaps).peak
-    working = max(0, all_reversible - outside - uniform_plan(chain, "reversible", 0, gaps).peak)
-    for _ in range(_ATTEMPTS):
-        chosen = plan_chain(chain, budget - outside, working, gaps)
-        if chosen is None:
-            break
-        modes = _modes_of(chain, gaps, chosen)
-        peak = simulate_step_peak(build(modes), args, kwargs).peak_bytes
-        if peak <= budget:
-            return done(modes, zip((b.name for b in chain), chosen.modes()), peak, all_reversible, chosen.extra_flops)
-        outside += peak - budget + max(1, budget // 1000)
+    working = lambda: max(0, candidates.peak(BlockModes()) - outside - uniform_plan(chain, "reversible", 0, gaps).peak)  # noqa: E731
+    found = _search(chain, gaps, budget, outside, working, candidates)
+    if found is not None:
+        modes, chosen, peak = found
+        return done(modes, zip((b.name for b in chain), chosen.modes()), peak, chosen.extra_flops)
+    all_reversible = candidates.peak(BlockModes())
     if all_reversible <= budget:  # the model's estimate failed to converge: every block reversible fits
-        return done(BlockModes(), everything("reversible"), all_reversible, all_reversible, uniform_plan(chain, "reversible").extra_flops)
+        return done(BlockModes(), everything("reversible"), all_reversible, uniform_plan(chain, "reversible").extra_flops)
     checkpointed = BlockModes(checkpointed=tuple((b.name,) for b in chain if b.checkpointable))
-    least = min(all_reversible, simulate_step_peak(build(checkpointed), args, kwargs).peak_bytes)
+    least = min(all_reversible, candidates.peak(checkpointed))
     raise _nothing_fits(budget, least, original_peak)
+
+
+def _search(chain, gaps, budget: int, outside: int, working, candidates: _Candidates):
+    """The DP's plan for what is left of ``budget``, simulated, re-planned with what the model
+    missed until one fits: ``(modes, plan, peak)``, or None.
+
+    ``working()`` simulates every block reversible (once) for the working memory of a
+    reversible backward. A plan without reversible blocks chosen as if that were zero is
+    the same plan: it does not pay it, and counting it only removes plans that do.
+    """
+    measured = None
+    for _ in range(_ATTEMPTS):
+        chosen = plan_chain(chain, budget - outside, measured or 0, gaps)
+        if chosen is not None and measured is None and "reversible" in chosen.modes():
+            measured = working()
+            chosen = plan_chain(chain, budget - outside, measured, gaps)
+        if chosen is None:
+            return None
+        modes = _modes_of(chain, gaps, chosen)
+        peak = candidates.peak(modes)
+        if peak <= budget:
+            return modes, chosen, peak
+        outside += peak - budget + max(1, budget // 1000)
+    return None
 
 
 def planned_peak(converted: ReversibleModel, args: tuple, kwargs: dict, budget: int) -> int | None:
