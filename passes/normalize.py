@@ -35,6 +35,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from revcompile.passes.graph_module import graph_module
 from revcompile.passes.graph_view import shape_key
 from revcompile.passes.patterns import (
     ELEMENT_SPELLINGS,
@@ -218,7 +219,7 @@ def _out_of_place_adds(graph: fx.Graph, root) -> int:
 def _copy_of(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule on a copy of ``gm``'s graph (nodes, names, metadata, codegen),
     sharing ``gm``'s submodules, parameters and buffers."""
-    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    copied = graph_module(gm, copy.deepcopy(gm.graph), type(gm).__name__)
     copied.meta.update(getattr(gm, "meta", {}))
     return copied
 

@@ -25,6 +25,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 from revcompile.errors import one_line
+from revcompile.passes.graph_module import graph_module
 from revcompile.layer_reuse import LayerStack, find_layer_stack, same_output, stitch_layers, truncated_stack
 from revcompile.quiet import quiet_torch
 
@@ -139,7 +140,7 @@ def _trace_fx(model: nn.Module, call: CallSignature) -> Trace:
     before = set(model.__dict__)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm = graph_module(tracer.root, graph, type(model).__name__)
     finally:
         # fx stores tensor constants it meets as attributes of the traced module
         # (`_tensor_constant0`); they belong to the trace, not to the user's model.
@@ -221,7 +222,7 @@ def _trace_export(model: nn.Module, call: CallSignature) -> Trace:
         if reused is not None:
             return reused
     unlifted = _export(model, call).module()
-    gm = fx.GraphModule(unlifted, unlifted.graph, type(model).__name__)
+    gm = graph_module(unlifted, unlifted.graph, type(model).__name__)
     return Trace(gm, "export", call, (), guard=getattr(unlifted, "_guards_fn", None))
 
 
@@ -239,7 +240,7 @@ def _export_reusing_layers(model: nn.Module, call: CallSignature, stack: LayerSt
         return None
     owners = {**{t: unlifted for t in _targets(graph)}, **{t: model for t in copied}}
     root = {target: _attribute(owner, target) for target, owner in owners.items()}
-    gm = fx.GraphModule(root, graph, type(model).__name__)
+    gm = graph_module(root, graph, type(model).__name__)
     if not same_output(model, gm, call):
         return None
     note = (f"torch.export traced 2 of the {stack.count} identical layers of {stack.path} and copied the second "
