@@ -214,8 +214,7 @@ def compile_variant(
         raise _nothing_convertible(model, plan)
 
     constants, plain = _lift_constants(trace.graph_module, model)
-    traced_graph = fx.Graph()
-    traced_graph.output(traced_graph.graph_copy(trace.graph_module.graph, {}))
+    traced_graph = trace.graph_module.graph  # normalize made it; the passes below copy before editing
     result = rewrite_reversible(trace.graph_module, plan)
     rewritten, regions = result.graph_module, ()
     if modes.checkpointed or modes.recomputed:
