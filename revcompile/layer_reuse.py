@@ -241,14 +241,18 @@ def _copy_layers(graph: fx.Graph, stack: LayerStack, second: list, pairs: dict, 
 def same_output(model: nn.Module, stitched: fx.GraphModule, call) -> bool:
     """Whether ``stitched`` gives bit for bit ``model``'s output on ``call`` (same random draws).
 
-    Both run with gradients enabled as in training; buffers are restored afterwards.
+    Both run with gradients enabled as in training; buffers are restored afterwards. The
+    stitched graph runs node by node (``fx.Interpreter``, the same ops on the same values):
+    generating its Python code would cost more than the run, and only the rewritten graph
+    that comes out of the pipeline is ever called as a module.
     """
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    tensors = [t for t in call.flat_inputs() if isinstance(t, torch.Tensor)]
+    flat = call.flat_inputs()  # the placeholders of an exported graph, in order
+    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
     devices = sorted({t.device.index or 0 for t in [*tensors, *model.parameters()] if t.is_cuda})
     outputs = []
     try:
-        for run in (lambda: model(*call.positional, **call.keyword), lambda: stitched(*call.positional, **call.keyword)):
+        for run in (lambda: model(*call.positional, **call.keyword), lambda: fx.Interpreter(stitched).run(*flat)):
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 torch.manual_seed(0)
                 outputs.append([t.detach() for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor)])
