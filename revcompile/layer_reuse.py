@@ -20,7 +20,6 @@ fails -- returns ``None`` and the caller exports the whole model.
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass
 
 import torch
@@ -125,17 +124,15 @@ def _layer_of(node: fx.Node, stack: LayerStack) -> int | None:
     return None
 
 
-def _renamed(text: str, old: str, new: str) -> str:
-    return re.sub(re.escape(old) + r"(?=\.|$)", new, text)
-
-
 def _module_stack_for(meta: dict, old: str, new: str) -> dict:
+    """``meta`` with the module paths under layer ``old`` moved to layer ``new`` (the prefix
+    only: a submodule list inside the layer keeps its own indices)."""
     stack = meta.get("nn_module_stack")
     if not stack:
         return dict(meta)
     moved = {}
     for key, (path, kind) in stack.items():
-        new_path = _renamed(path, old, new) if path == old or path.startswith(old + ".") else path
+        new_path = new + path[len(old):] if path == old or path.startswith(old + ".") else path
         new_key = key[: len(key) - len(path)] + new_path if key.endswith(path) else key
         moved[new_key] = (new_path, kind)
     return {**meta, "nn_module_stack": moved}
