@@ -15,7 +15,7 @@ module only produces one trace for one call, with batch and sequence dimensions 
 from __future__ import annotations
 
 import inspect
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -259,6 +259,26 @@ def _attribute(owner: nn.Module, target: str):
     return value
 
 
+@contextmanager
+def _without_stack_traces():
+    """Trace without recording each node's Python stack (``node.meta["stack_trace"]``).
+
+    Nothing in revcompile reads it, and torch.export spends about a tenth of its time
+    capturing and symbolizing one traceback per node (a ``torch.fx.config`` switch in
+    recent torch; older versions record them).
+    """
+    config = getattr(fx, "config", None)
+    if not hasattr(config, "do_not_emit_stack_traces"):
+        yield
+        return
+    before = config.do_not_emit_stack_traces
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = before
+
+
 class TraceFailed(Exception):
     """One tracer could not capture the model; ``error`` is what it raised."""
 
@@ -282,6 +302,7 @@ def trace_model(model: nn.Module, call: CallSignature, tracer: str, *, training:
         model.training = training
         with ExitStack() as stack:
             stack.enter_context(quiet_torch())
+            stack.enter_context(_without_stack_traces())
             stack.enter_context(torch.enable_grad())
             # a trace runs the forward on fake tensors: keep them away from the caller's hooks
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
