@@ -16,6 +16,7 @@ from revcompile.distance import function_distance
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS, bind_call, training_defaults
 from revcompile.inputs import check_example_inputs
+from revcompile.layer_reuse import find_layer_stack
 from revcompile.planner import MemoryPlan, plan_memory
 from revcompile.sketch import SketchConfig
 from revcompile.runtime import BACKWARD_MODES, ReconstructionDrift
@@ -107,11 +108,14 @@ def convert(
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     try:
-        check_example_inputs(model, bind_call(model, args, kwargs, training_defaults(model, kwargs)))
+        call = bind_call(model, args, kwargs, training_defaults(model, kwargs))
     except TypeError as err:
         raise ConversionError(
             f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
         ) from None
+    # An export of a layer stack compares its stitched graph with the model's training output:
+    # the input check then runs the model that way, and its output serves both.
+    reference = check_example_inputs(model, call, training_run=tracer != "fx" and find_layer_stack(model) is not None)
     memory_plan = None
     if memory_budget is not None:
         memory_plan = plan_memory(model, args, memory_budget, kwargs, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams)
@@ -122,7 +126,7 @@ def convert(
     )
     converted.__dict__["_rc_memory_plan"] = memory_plan
     converted.__dict__["_rc_as_original"] = bool(memory_plan and memory_plan.keeps_original and not sketch_linears)
-    converted.compile_for(args, kwargs)
+    converted.compile_for(args, kwargs, reference)
     if check_conversion:
         check_converted_model(converted, args, kwargs)
     if isinstance(chosen, DualResidual):  # a pretrained model's user needs this before fine-tuning

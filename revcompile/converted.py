@@ -18,6 +18,7 @@ does not, the call fails rather than silently computing a different architecture
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -218,11 +219,12 @@ class ReversibleModel(nn.Module):
         variants.append(variant)
         return variant
 
-    def compile_for(self, args: tuple, kwargs: dict) -> BoundVariant:
-        """Trace and convert for one example call (what ``convert`` does first)."""
+    def compile_for(self, args: tuple, kwargs: dict, reference: list | None = None) -> BoundVariant:
+        """Trace and convert for one example call (what ``convert`` does first); ``reference``
+        is the original's output on it, where the caller has it (``CallSignature.reference``)."""
         self.__dict__["_rc_injected"] = training_defaults(self._rc_original, kwargs)
         call = bind_call(self._rc_original, args, kwargs, self._rc_injected)
-        return self._variant_for(call)
+        return self._variant_for(dataclasses.replace(call, reference=reference))
 
     def exclude_blocks(self, reasons: dict[str, str], args: tuple, kwargs: dict) -> None:
         """Convert again for the example call with these blocks (name -> reason) left as

@@ -44,12 +44,16 @@ class CallSignature:
 
     ``positional`` and ``keyword`` hold the values of the call; arguments left to their
     defaults are absent. ``injected`` names arguments revcompile set itself (the
-    key/value cache switch), which every later call receives too.
+    key/value cache switch), which every later call receives too. ``reference``: the
+    model's output on this call as ``layer_reuse.training_output`` gives it, where the
+    caller has run the model that way already (``convert``'s input check), so that the
+    layer-reuse check need not run it again.
     """
 
     positional: tuple
     keyword: dict
     injected: dict = field(default_factory=dict)
+    reference: list | None = field(default=None, compare=False, repr=False)
 
     def flat_inputs(self) -> list:
         return pytree.tree_leaves((self.positional, self.keyword))

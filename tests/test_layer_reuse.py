@@ -162,3 +162,20 @@ def test_copies_move_only_the_layer_prefix_of_module_paths():
 
     assert paths(trace.graph_module.graph) == paths(full.graph)
     assert "blocks.4.mlp.subblocks.2" in {p for stack in paths(trace.graph_module.graph) for p in stack}
+
+
+def test_the_stitched_graph_is_compared_with_the_reference_the_caller_passes():
+    """``convert``'s input check hands its run of the model to the layer-reuse check
+    (``CallSignature.reference``): a reference the graph does not reproduce means a full export."""
+    import dataclasses
+
+    from revcompile.layer_reuse import training_output
+
+    torch.manual_seed(0)
+    model = _indexed_stack("none")
+    x = B.tokens()
+    call = bind_call(model, (x,), {})
+    reference = training_output(model, call)
+    assert _reused(trace_model(model, dataclasses.replace(call, reference=reference), "export", training=True))
+    off = [t + 1e-6 for t in reference]
+    assert not _reused(trace_model(model, dataclasses.replace(call, reference=off), "export", training=True))
