@@ -114,7 +114,8 @@ def convert(
             f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
         ) from None
     # An export of a layer stack compares its stitched graph with the model's training output:
-    # the input check then runs the model that way, and its output serves both.
+    # the input check then runs the model that way, and its output serves both (unused when
+    # tracer="auto" and fx traces the model).
     reference = check_example_inputs(model, call, training_run=tracer != "fx" and find_layer_stack(model) is not None)
     memory_plan = None
     if memory_budget is not None:

@@ -164,7 +164,8 @@ def _trace_and_detect(model: nn.Module, call: CallSignature, tracer: str, traini
         except TraceFailed as failure:
             failures.append(failure)
             continue
-        trace = replace(trace, graph_module=normalize_graph(trace.graph_module, in_place=True).graph_module)  # a fresh trace: ours
+        # a fresh trace nothing else holds: normalised in place, not copied
+        trace = replace(trace, graph_module=normalize_graph(trace.graph_module, in_place=True).graph_module)
         plan = find_reversible_blocks(trace.graph_module, post_norm=post_norm, excluded=excluded)
         if best is None or len(plan.blocks) > len(best[1].blocks):
             best = (trace, plan)
