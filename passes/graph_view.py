@@ -92,14 +92,21 @@ class GraphView:
         """
         key = (source, limit)
         if key not in self._descendants:
-            bound = self.order[limit]
-            view = nx.subgraph_view(
-                self.dag,
-                filter_node=lambda n: self.order[n] < bound,
-                filter_edge=lambda u, v: not (u is source and SHAPE_QUERY.matches(v)),
-            )
-            self._descendants[key] = frozenset(nx.descendants(view, source))
+            self._descendants[key] = frozenset(self._reachable_before(source, self.order[limit]))
         return self._descendants[key]
+
+    def _reachable_before(self, source: fx.Node, bound: int) -> set[fx.Node]:
+        """A walk over ``users`` (cheaper than a filtered networkx view: called per add)."""
+        order = self.order
+        found: set[fx.Node] = set()
+        pending = [u for u in source.users if order[u] < bound and not SHAPE_QUERY.matches(u)]
+        found.update(pending)
+        while pending:
+            for user in pending.pop().users:
+                if user not in found and order[user] < bound:
+                    found.add(user)
+                    pending.append(user)
+        return found
 
     def ancestors_within(self, node: fx.Node, region: set[fx.Node]) -> set[fx.Node]:
         """``node`` and the nodes of ``region`` it depends on through ``region``."""

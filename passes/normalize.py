@@ -22,7 +22,8 @@ Both tracers leave nodes that hide the shape of a transformer from a structural 
   in-place add, and the sum keeps its shape and dtype. Later readers read the new sum.
 
 The pass is pure: it edits a copy of the caller's GraphModule (sharing its submodules,
-parameters and buffers) and returns the copy with what it did.
+parameters and buffers) and returns the copy with what it did (``in_place=True`` edits
+the caller's own).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from revcompile.passes.graph_module import graph_module
 from revcompile.passes.graph_view import shape_key
 from revcompile.passes.patterns import (
     ELEMENT_SPELLINGS,
@@ -218,14 +220,18 @@ def _out_of_place_adds(graph: fx.Graph, root) -> int:
 def _copy_of(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule on a copy of ``gm``'s graph (nodes, names, metadata, codegen),
     sharing ``gm``'s submodules, parameters and buffers."""
-    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    copied = graph_module(gm, copy.deepcopy(gm.graph), type(gm).__name__)
     copied.meta.update(getattr(gm, "meta", {}))
     return copied
 
 
-def normalize_graph(gm: fx.GraphModule) -> NormalizeResult:
-    """Normalise a copy of ``gm`` (which is left as it was); the copy is in the result."""
-    gm = _copy_of(gm)
+def normalize_graph(gm: fx.GraphModule, *, in_place: bool = False) -> NormalizeResult:
+    """Normalise a copy of ``gm`` (which is left as it was); the copy is in the result.
+
+    ``in_place=True`` normalises ``gm`` itself: for a caller that holds the only reference to
+    a fresh trace (the pipeline), where copying ~2,000 nodes would be wasted.
+    """
+    gm = gm if in_place else _copy_of(gm)
     graph = gm.graph
     guards = [n for n in graph.nodes if _is_guard_call(n, gm) and not n.users]
     for node in reversed(guards):

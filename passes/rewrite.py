@@ -27,6 +27,7 @@ from typing import ClassVar
 
 import torch.fx as fx
 
+from revcompile.passes.graph_module import graph_module
 from revcompile.passes.graph_view import shape_key
 from revcompile.passes.plan import Branch, Plan, Segment
 from revcompile.passes.randomness import branch_draws_random
@@ -164,7 +165,7 @@ def _segment_nodes(nodes: dict[str, fx.Node], segment: Segment) -> list[fx.Node]
 
 def rewrite_reversible(gm: fx.GraphModule, plan: Plan) -> RewriteResult:
     """A copy of ``gm`` in which each segment of ``plan`` is one ``SegmentCall``; ``gm`` is left as it was."""
-    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
+    gm = graph_module(gm, copy.deepcopy(gm.graph), type(gm).__name__)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
     order = {n: i for i, n in enumerate(graph.nodes)}

@@ -16,6 +16,7 @@ from revcompile.distance import function_distance
 from revcompile.errors import ConversionError
 from revcompile.frontend import TRACERS, bind_call, training_defaults
 from revcompile.inputs import check_example_inputs
+from revcompile.layer_reuse import find_layer_stack
 from revcompile.planner import MemoryPlan, plan_memory, trace_for_planning
 from revcompile.sketch import SketchConfig
 from revcompile.runtime import BACKWARD_MODES, ReconstructionDrift
@@ -107,11 +108,15 @@ def convert(
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     try:
-        check_example_inputs(model, bind_call(model, args, kwargs, training_defaults(model, kwargs)))
+        call = bind_call(model, args, kwargs, training_defaults(model, kwargs))
     except TypeError as err:
         raise ConversionError(
             f"{err}. Pass example_inputs as a tuple of positional arguments and example_kwargs as a dict."
         ) from None
+    # An export of a layer stack compares its stitched graph with the model's training output:
+    # the input check then runs the model that way, and its output serves both (unused when
+    # tracer="auto" and fx traces the model).
+    reference = check_example_inputs(model, call, training_run=tracer != "fx" and find_layer_stack(model) is not None)
     memory_plan = traced = None
     if memory_budget is not None:  # the plan's conversion reuses the planner's trace
         traced = trace_for_planning(model, args, kwargs, tracer=tracer, post_norm=post_norm)
@@ -124,7 +129,7 @@ def convert(
     )
     converted.__dict__["_rc_memory_plan"] = memory_plan
     converted.__dict__["_rc_as_original"] = bool(memory_plan and memory_plan.keeps_original and not sketch_linears)
-    converted.compile_for(args, kwargs, traced=traced)
+    converted.compile_for(args, kwargs, reference, traced=traced)
     if check_conversion:
         check_converted_model(converted, args, kwargs)
     if isinstance(chosen, DualResidual):  # a pretrained model's user needs this before fine-tuning

@@ -18,6 +18,7 @@ does not, the call fails rather than silently computing a different architecture
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -219,12 +220,14 @@ class ReversibleModel(nn.Module):
         variants.append(variant)
         return variant
 
-    def compile_for(self, args: tuple, kwargs: dict, traced: TracedCall | None = None) -> BoundVariant:
-        """Trace and convert for one example call (what ``convert`` does first); ``traced``:
-        the original already traced for this call (``revcompile.pipeline.trace_call``)."""
+    def compile_for(self, args: tuple, kwargs: dict, reference: list | None = None,
+                    traced: TracedCall | None = None) -> BoundVariant:
+        """Trace and convert for one example call (what ``convert`` does first). ``reference``:
+        the original's output on it, where the caller has it (``CallSignature.reference``);
+        ``traced``: the original already traced for this call (``revcompile.pipeline.trace_call``)."""
         self.__dict__["_rc_injected"] = training_defaults(self._rc_original, kwargs)
         call = bind_call(self._rc_original, args, kwargs, self._rc_injected)
-        return self._variant_for(call, traced)
+        return self._variant_for(dataclasses.replace(call, reference=reference), traced)
 
     def exclude_blocks(self, reasons: dict[str, str], args: tuple, kwargs: dict) -> None:
         """Convert again for the example call with these blocks (name -> reason) left as

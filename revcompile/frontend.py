@@ -15,7 +15,7 @@ module only produces one trace for one call, with batch and sequence dimensions 
 from __future__ import annotations
 
 import inspect
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +25,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
 from revcompile.errors import one_line
+from revcompile.passes.graph_module import graph_module
 from revcompile.layer_reuse import LayerStack, find_layer_stack, same_output, stitch_layers, truncated_stack
 from revcompile.quiet import quiet_torch
 
@@ -43,12 +44,16 @@ class CallSignature:
 
     ``positional`` and ``keyword`` hold the values of the call; arguments left to their
     defaults are absent. ``injected`` names arguments revcompile set itself (the
-    key/value cache switch), which every later call receives too.
+    key/value cache switch), which every later call receives too. ``reference``: the
+    model's output on this call as ``layer_reuse.training_output`` gives it, where the
+    caller has run the model that way already (``convert``'s input check), so that the
+    layer-reuse check need not run it again.
     """
 
     positional: tuple
     keyword: dict
     injected: dict = field(default_factory=dict)
+    reference: list | None = field(default=None, compare=False, repr=False)
 
     def flat_inputs(self) -> list:
         return pytree.tree_leaves((self.positional, self.keyword))
@@ -139,7 +144,7 @@ def _trace_fx(model: nn.Module, call: CallSignature) -> Trace:
     before = set(model.__dict__)
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
-        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm = graph_module(tracer.root, graph, type(model).__name__)
     finally:
         # fx stores tensor constants it meets as attributes of the traced module
         # (`_tensor_constant0`); they belong to the trace, not to the user's model.
@@ -221,7 +226,7 @@ def _trace_export(model: nn.Module, call: CallSignature) -> Trace:
         if reused is not None:
             return reused
     unlifted = _export(model, call).module()
-    gm = fx.GraphModule(unlifted, unlifted.graph, type(model).__name__)
+    gm = graph_module(unlifted, unlifted.graph, type(model).__name__)
     return Trace(gm, "export", call, (), guard=getattr(unlifted, "_guards_fn", None))
 
 
@@ -239,7 +244,7 @@ def _export_reusing_layers(model: nn.Module, call: CallSignature, stack: LayerSt
         return None
     owners = {**{t: unlifted for t in _targets(graph)}, **{t: model for t in copied}}
     root = {target: _attribute(owner, target) for target, owner in owners.items()}
-    gm = fx.GraphModule(root, graph, type(model).__name__)
+    gm = graph_module(root, graph, type(model).__name__)
     if not same_output(model, gm, call):
         return None
     note = (f"torch.export traced 2 of the {stack.count} identical layers of {stack.path} and copied the second "
@@ -256,6 +261,26 @@ def _attribute(owner: nn.Module, target: str):
     for part in target.split("."):
         value = getattr(value, part)
     return value
+
+
+@contextmanager
+def _without_stack_traces():
+    """Trace without recording each node's Python stack (``node.meta["stack_trace"]``).
+
+    Nothing in revcompile reads it, and torch.export spends about a tenth of its time
+    capturing and symbolizing one traceback per node (a ``torch.fx.config`` switch in
+    recent torch; older versions record them).
+    """
+    config = getattr(fx, "config", None)
+    if not hasattr(config, "do_not_emit_stack_traces"):
+        yield
+        return
+    before = config.do_not_emit_stack_traces
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = before
 
 
 class TraceFailed(Exception):
@@ -281,6 +306,7 @@ def trace_model(model: nn.Module, call: CallSignature, tracer: str, *, training:
         model.training = training
         with ExitStack() as stack:
             stack.enter_context(quiet_torch())
+            stack.enter_context(_without_stack_traces())
             stack.enter_context(torch.enable_grad())
             # a trace runs the forward on fake tensors: keep them away from the caller's hooks
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))

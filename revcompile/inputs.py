@@ -3,7 +3,8 @@
 Tracers do not check the inputs for us: torch.fx traces symbolically and never runs an op,
 and a shape mismatch under fake tensors is logged and swallowed. A conversion made from
 inputs the model cannot take would only fail later, far from its cause. So ``convert``
-runs the original model once on the example call, without gradients, and when it fails
+runs the original model once on the example call, without gradients (with them when the
+layer-reuse check of an export will compare its graph with that output), and when it fails
 says in one line which input the failing module received and what the failing op
 expected (its own message: sizes, channels, dtypes).
 
@@ -21,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from revcompile.errors import ConversionError, one_line
 from revcompile.frontend import CallSignature
+from revcompile.layer_reuse import training_output
 from revcompile.quiet import quiet_torch
 
 __all__ = ["check_example_inputs"]
@@ -106,12 +108,21 @@ def _dtype_hint(model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> str:
     return ""
 
 
-def check_example_inputs(model: nn.Module, call: CallSignature) -> None:
-    """Run ``model`` once on ``call``; raise ``ConversionError`` naming the input it cannot take."""
+def check_example_inputs(model: nn.Module, call: CallSignature, *, training_run: bool = False) -> list | None:
+    """Run ``model`` once on ``call``; raise ``ConversionError`` naming the input it cannot take.
+
+    ``training_run``: run it as ``layer_reuse.training_output`` does (gradients on, seeded)
+    and return that output, for the layer-reuse check to compare its graph with; else the
+    run is without gradients and returns None.
+    """
     stack = _ModuleStack()
     try:
-        with quiet_torch(), _state_restored(model), torch.no_grad(), stack.recording():
-            model(*call.positional, **call.keyword)
+        with quiet_torch(), stack.recording():
+            if training_run:
+                return training_output(model, call)
+            with _state_restored(model), torch.no_grad():
+                model(*call.positional, **call.keyword)
+            return None
     except Exception as err:  # noqa: BLE001 -- whatever the model raises, the inputs do not fit it
         named = _named_inputs(call)
         culprits, where = _culprit(model, stack, named)

@@ -20,7 +20,6 @@ fails -- returns ``None`` and the caller exports the whole model.
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["LayerStack", "find_layer_stack", "stitch_layers", "truncated_stack", "same_output"]
+__all__ = ["LayerStack", "find_layer_stack", "stitch_layers", "truncated_stack", "same_output", "training_output"]
 
 MIN_LAYERS = 4  # below this, exporting every layer costs about as much as two plus the checks
 TRACED = 2
@@ -125,17 +124,15 @@ def _layer_of(node: fx.Node, stack: LayerStack) -> int | None:
     return None
 
 
-def _renamed(text: str, old: str, new: str) -> str:
-    return re.sub(re.escape(old) + r"(?=\.|$)", new, text)
-
-
 def _module_stack_for(meta: dict, old: str, new: str) -> dict:
+    """``meta`` with the module paths under layer ``old`` moved to layer ``new`` (the prefix
+    only: a submodule list inside the layer keeps its own indices)."""
     stack = meta.get("nn_module_stack")
     if not stack:
         return dict(meta)
     moved = {}
     for key, (path, kind) in stack.items():
-        new_path = _renamed(path, old, new) if path == old or path.startswith(old + ".") else path
+        new_path = new + path[len(old):] if path == old or path.startswith(old + ".") else path
         new_key = key[: len(key) - len(path)] + new_path if key.endswith(path) else key
         moved[new_key] = (new_path, kind)
     return {**meta, "nn_module_stack": moved}
@@ -238,26 +235,48 @@ def _copy_layers(graph: fx.Graph, stack: LayerStack, second: list, pairs: dict, 
     return read
 
 
-def same_output(model: nn.Module, stitched: fx.GraphModule, call) -> bool:
-    """Whether ``stitched`` gives bit for bit ``model``'s output on ``call`` (same random draws).
+def training_output(model: nn.Module, call, run=None) -> list[torch.Tensor]:
+    """The tensors of ``model``'s output on ``call`` as in a training step, detached.
 
-    Both run with gradients enabled as in training; buffers are restored afterwards.
+    Gradients on, autocast off, the random generators seeded with 0 (and restored after),
+    buffers restored after. ``run`` stands in for the model's forward (a stitched graph's):
+    both then draw the same random numbers, so equal outputs mean equal computations.
     """
+    run = run or (lambda: model(*call.positional, **call.keyword))
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     tensors = [t for t in call.flat_inputs() if isinstance(t, torch.Tensor)]
     devices = sorted({t.device.index or 0 for t in [*tensors, *model.parameters()] if t.is_cuda})
-    outputs = []
     try:
-        for run in (lambda: model(*call.positional, **call.keyword), lambda: stitched(*call.positional, **call.keyword)):
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                torch.manual_seed(0)
-                outputs.append([t.detach() for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor)])
-            with torch.no_grad():
-                for buffer, saved in buffers:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            torch.manual_seed(0)
+            return [t.detach() for t in pytree.tree_leaves(run()) if isinstance(t, torch.Tensor)]
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if buffer.shape == saved.shape:
                     buffer.copy_(saved)
+
+
+def same_output(model: nn.Module, stitched: fx.GraphModule, call) -> bool:
+    """Whether ``stitched`` gives bit for bit ``model``'s output on ``call`` (``training_output``).
+
+    The model's side is ``call.reference`` when the caller has already run it that way
+    (``convert``'s input check does), else a run of its own. The stitched graph runs node
+    by node (``fx.Interpreter``, the same ops on the same values): generating its Python
+    code would cost more than the run, and only the graph that comes out of the pipeline
+    is ever called as a module.
+    """
+    flat = call.flat_inputs()  # the placeholders of an exported graph, in order
+    try:
+        want = call.reference if call.reference is not None else training_output(model, call)
+        got = training_output(model, call, run=lambda: fx.Interpreter(stitched).run(*flat))
     except Exception:  # noqa: BLE001 -- a stitched graph that does not run is not the model
         return False
-    want, got = outputs
     return len(want) == len(got) and all(
         a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(want, got)
     )

@@ -185,7 +185,8 @@ def trace_call(model: nn.Module, call: CallSignature, tracer: str, training: boo
         except TraceFailed as failure:
             failures.append(failure)
             continue
-        trace = replace(trace, graph_module=normalize_graph(trace.graph_module).graph_module)
+        # a fresh trace nothing else holds: normalised in place, not copied
+        trace = replace(trace, graph_module=normalize_graph(trace.graph_module, in_place=True).graph_module)
         plan = find_reversible_blocks(trace.graph_module, post_norm=post_norm, excluded=excluded)
         if best is None or len(plan.blocks) > len(best[1].blocks):
             best = (trace, plan)
@@ -268,8 +269,7 @@ def compile_variant(
         raise _nothing_convertible(model, plan)
 
     constants, plain = _lift_constants(trace.graph_module, model)
-    traced_graph = fx.Graph()
-    traced_graph.output(traced_graph.graph_copy(trace.graph_module.graph, {}))
+    traced_graph = trace.graph_module.graph  # normalize made it; the passes below copy before editing
     result = rewrite_reversible(trace.graph_module, plan)
     rewritten, regions = result.graph_module, ()
     if modes.checkpointed or modes.recomputed:

@@ -51,11 +51,20 @@ def quiet_torch():
     loggers = _torch_loggers()
     levels = [logger.level for logger in loggers]
     try:
-        for logger in loggers:
-            logger.setLevel(_SILENT)
+        _set_levels(loggers, [_SILENT] * len(loggers))
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        _set_levels(loggers, levels)
+
+
+def _set_levels(loggers: list[logging.Logger], levels: list[int]) -> None:
+    """``logger.setLevel`` for each, clearing the loggers' level caches once, not per logger.
+
+    ``setLevel`` clears every logger's cache; torch has a few hundred loggers, so setting
+    them one by one costs ~10 ms per ``quiet_torch`` block.
+    """
+    for logger, level in zip(loggers[1:], levels[1:]):
+        logger.level = level
+    loggers[0].setLevel(levels[0])  # clears the caches of all loggers

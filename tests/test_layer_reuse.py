@@ -128,3 +128,54 @@ def test_a_list_with_empty_slots_is_not_a_stack():
             self.norms = nn.ModuleList([None, nn.LayerNorm(4), None, nn.LayerNorm(4), nn.LayerNorm(4)])
 
     assert find_layer_stack(Holder()) is None
+
+
+class _SubblockMlp(nn.Module):
+    """An MLP kept in a list named like the stack's own (``blocks.1.mlp.subblocks.1``)."""
+
+    def __init__(self, dim: int = B.DIM):
+        super().__init__()
+        self.subblocks = nn.ModuleList([nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)])
+
+    def forward(self, x):
+        for part in self.subblocks:
+            x = part(x)
+        return x
+
+
+def test_copies_move_only_the_layer_prefix_of_module_paths():
+    """Layer 1's ``blocks.1.mlp.subblocks.1`` becomes ``blocks.4.mlp.subblocks.1`` in layer 4's copy,
+    as a full export names it (a textual replace would also turn ``subblocks.1`` into ``subblocks.4``)."""
+    torch.manual_seed(0)
+    model = B.Stack(depth=5)
+    for block in model.blocks:
+        block.mlp = _SubblockMlp()
+    x = B.tokens()
+    call = bind_call(model, (x,), {})
+    trace = trace_model(model, call, "export", training=True)
+    assert _reused(trace)
+    full = _export(model, call).module()
+
+    def paths(graph):
+        return [[path for path, _ in n.meta["nn_module_stack"].values()] for n in graph.nodes
+                if n.op not in ("get_attr", "placeholder", "output") and n.meta.get("nn_module_stack")]
+
+    assert paths(trace.graph_module.graph) == paths(full.graph)
+    assert "blocks.4.mlp.subblocks.2" in {p for stack in paths(trace.graph_module.graph) for p in stack}
+
+
+def test_the_stitched_graph_is_compared_with_the_reference_the_caller_passes():
+    """``convert``'s input check hands its run of the model to the layer-reuse check
+    (``CallSignature.reference``): a reference the graph does not reproduce means a full export."""
+    import dataclasses
+
+    from revcompile.layer_reuse import training_output
+
+    torch.manual_seed(0)
+    model = _indexed_stack("none")
+    x = B.tokens()
+    call = bind_call(model, (x,), {})
+    reference = training_output(model, call)
+    assert _reused(trace_model(model, dataclasses.replace(call, reference=reference), "export", training=True))
+    off = [t + 1e-6 for t in reference]
+    assert not _reused(trace_model(model, dataclasses.replace(call, reference=off), "export", training=True))
