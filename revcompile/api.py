@@ -10,6 +10,7 @@ from revcompile.passes.detect import POST_NORM
 from revcompile.passes.plan import Plan, require_choice
 from revcompile.passes.couplings import STREAM_PRECISIONS, Coupling, DualResidual, make_coupling
 from revcompile.passes.schedule import BackwardProgram
+from revcompile.collector import spares_collector
 from revcompile.conversion_check import check_conversion as check_converted_model
 from revcompile.converted import ReversibleModel
 from revcompile.distance import function_distance
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 
+@spares_collector
 def convert(
     model: nn.Module,
     example_inputs=(),

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from revcompile.budget import ReportError, format_bytes, parse_bytes
+from revcompile.collector import spares_collector
 from revcompile.converted import ReversibleModel
 from revcompile.errors import ConversionError
 from revcompile.frontend import bind_call, training_defaults
@@ -153,6 +154,7 @@ def _modes_of(chain: tuple[BlockCost, ...], gaps: tuple[GapCost, ...], plan: Cha
     return BlockModes(stored=stored, checkpointed=runs, recomputed=recomputed)
 
 
+@spares_collector
 def plan_memory(model: nn.Module, example_inputs=(), budget=None, example_kwargs: dict | None = None, *,
                 tracer: str = "auto", coupling: Coupling | None = None, post_norm: str = "skip",
                 streams: str = "exact", between_blocks: bool = True, traced: TracedCall | None = None) -> MemoryPlan:
