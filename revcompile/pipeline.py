@@ -29,6 +29,7 @@ from revcompile.passes.plan import Plan
 from revcompile.passes.rewrite import SegmentProgram, rewrite_reversible
 from revcompile.errors import ConversionError
 from revcompile.frontend import CallSignature, Trace, TraceFailed, trace_model
+from revcompile.passes.graph_module import graph_module
 from revcompile.sketch import sketch_compiled
 
 __all__ = ["BlockModes", "CompiledVariant", "TracedCall", "compile_variant", "trace_call", "ORIGINAL_ATTRIBUTES"]
@@ -233,7 +234,7 @@ def _own_copy(trace: Trace, model: nn.Module) -> Trace:
     reads = (str(node.target) for node in gm.graph.nodes if node.op == "get_attr")
     if all(_resolves(model, target) and _registered_at_top(model, target) for target in reads):
         return trace
-    return replace(trace, graph_module=fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__))
+    return replace(trace, graph_module=graph_module(gm, copy.deepcopy(gm.graph), type(gm).__name__))
 
 
 def compile_variant(
