@@ -112,8 +112,8 @@ def _hierarchical(rounds: int) -> dict:
 
 
 # plan_memory's parts, timed where revcompile.planner calls them (wall seconds per call, summed)
-_PARTS = {"trace_for_planning": "trace (fx, fake propagation, normalize, detect)", "build_planned": "convert a candidate from the trace",
-          "_chain_costs": "block and gap costs (fake interpretation, lower-set DPs)", "simulate_step_peak": "simulate a whole step",
+_PARTS = {"trace_for_planning": "trace a stand-in (fx, fake propagation, normalize, detect)", "build_planned": "convert a candidate from the trace",
+          "_chain_costs": "block and gap costs (fake interpretation, lower-set DPs)", "simulate_step_peak": "simulate a stand-in's step",
           "plan_chain": "chain DP"}
 
 
@@ -169,9 +169,21 @@ def _dp_seconds(args, depth48_budget_fraction: float = 0.3, repeats: int = 3) ->
         timings.append(time.perf_counter() - started)
     original = revcompile.simulate.simulate_step_peak(deep, args).peak_bytes
     whole, parts = _plan_memory_parts(deep, args, int(original * 0.6), repeats)
+    # the stand-in plan's peak against the whole 48-block step of that plan, simulated
+    plan = whole[0]
+    converted = build_planned(deep, args, {}, tracer="auto", coupling=RevViT(), post_norm="skip", streams="exact",
+                              block_modes=plan.block_modes)
+    simulated = revcompile.simulate.simulate_step_peak(converted, args).peak_bytes
+    unstood = [revcompile.plan_memory(deep, args, int(original * 0.6), stand_in=False) for _ in range(repeats)]
+    checked = revcompile.plan_memory(deep, args, int(original * 0.6), check=True)
     return {"blocks": len(chain), "gaps": len(gaps), "cost_measurement_seconds": measured, "dp_seconds_max": max(timings),
             "plan_memory_seconds": statistics.median(p.planning_seconds for p in whole),
-            "plan_memory_seconds_each": [p.planning_seconds for p in whole], "plan_memory_plan": whole[0].summary(),
+            "plan_memory_seconds_each": [p.planning_seconds for p in whole], "plan_memory_plan": plan.summary(),
+            "plan_memory_predicted_by": plan.predicted_by, "plan_memory_predicted_peak": plan.predicted_peak,
+            "plan_memory_whole_step_simulated_peak": simulated,
+            "whole_model_plan_seconds": statistics.median(p.planning_seconds for p in unstood),
+            "whole_model_plan": unstood[0].summary(),
+            "checked_plan_seconds": checked.planning_seconds, "checked_predicted_by": checked.predicted_by,
             "plan_memory_parts": [{"part": label, **part} for label, part in parts.items()]}
 
 
@@ -199,6 +211,12 @@ def _markdown(meta: dict, rows: list[dict], uniform: dict, dp: dict, h: dict) ->
                   f"{dp['plan_memory_seconds']:.1f} s, median of {len(dp.get('plan_memory_seconds_each', [0]))} "
                   "(batch 2), in parts (median seconds of the runs):", "", "| part | calls | seconds |", "|---|---|---|"]
         lines += [f"| {p['part']} | {p['calls']} | {p['seconds']:.2f} s |" for p in dp.get("plan_memory_parts", [])]
+    if "whole_model_plan_seconds" in dp:
+        lines += ["", f"Planned by {dp['plan_memory_predicted_by']}: predicted peak {dp['plan_memory_predicted_peak']} B, "
+                  f"the whole {dp['blocks']}-block step of that plan simulated: {dp['plan_memory_whole_step_simulated_peak']} B. "
+                  f"The same budget with `check=True` ({dp['checked_predicted_by']}): {dp['checked_plan_seconds']:.1f} s; "
+                  f"with `stand_in=False` (the whole model traced, the plan's whole step simulated): "
+                  f"{dp['whole_model_plan_seconds']:.1f} s ({dp['whole_model_plan']})."]
     lines += ["", f"{h['model']}, budget {h['budget'] / MiB:.1f} MiB (the all-reversible step's peak): {h['plan']}.", "",
               "| | measured peak | step |", "|---|---|---|",
               *(f"| {name} | {h[name + ' peak_bytes'] / MiB:.1f} MiB | {h[name + ' seconds']:.3f} s |"

@@ -20,14 +20,23 @@ rebuilds one block's). So a plan's modelled peak is::
 
     max( sum of all K,  max over regions r of (K before r + K_r + T_r) )
 
+plus, per region, what its backward needs beyond the activations it rebuilds (``Working``:
+the gradients flowing through it, a reversible step's reconstructed streams), one figure
+per mode that the planner measures by simulating the uniform plans (a stored region's is
+part of the constant the planner measures from the original's step). With those three
+figures the model gives a simulated step's peak to the byte on the plans tested (mixed
+plans of a ViT at depth 14 in tests/test_planner_standin.py, at depth 48 in
+benchmarks/planner.py),
+
 and its extra compute is the recomputed forwards, a reversible one weighted by
 ``1 + REVERSIBLE_OVERHEAD``. ``plan_chain`` minimises the extra compute subject to the
 modelled peak <= budget by dynamic programming over (position, last region is an open
 reversible segment), keeping per state the Pareto front of (kept bytes, compute): exact
 for this model (tests compare it with brute force), O(n * F * L) for n blocks, fronts of
 size F and checkpointed runs of at most L blocks. What the model leaves out (the rest of
-the step: embeddings, head, loss, gradient working memory) the planner measures as one
-constant by simulating the chosen plan, and plans again with the budget reduced by it.
+the step: embeddings, head, loss) the planner measures as one constant by simulating the
+original's step; planning a whole model, it also simulates the chosen plan and plans again
+with the budget reduced by what the model missed.
 
 The graph between blocks (stem, stage transitions, head) enters the chain as *gaps*
 (``GapCost``): at its position a gap adds one of its options, the strategies
@@ -44,7 +53,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["REVERSIBLE_OVERHEAD", "MAX_CHECKPOINT_RUN", "MODES", "BlockCost", "GapOption", "GapCost", "Region", "ChainPlan",
+__all__ = ["REVERSIBLE_OVERHEAD", "MAX_CHECKPOINT_RUN", "MODES", "BlockCost", "Working", "GapOption", "GapCost", "Region", "ChainPlan",
            "chain_cost", "uniform_plan", "plan_chain"]
 
 # A reversible block's recompute costs its forward plus the streams' arithmetic (rounding
@@ -66,6 +75,20 @@ class BlockCost:
     joins_previous: bool = True  # its input is the previous block's output (one run / segment can hold both)
     checkpointable: bool = True
     reversible: bool = True
+
+
+@dataclass(frozen=True)
+class Working:
+    """Bytes a region's backward needs beyond the activations it rebuilds, per mode (may be
+    negative: a figure measured against the model corrects what the model over-counts)."""
+
+    reversible: int = 0
+    checkpointed: int = 0
+
+    @staticmethod
+    def of(working: "Working | int") -> "Working":
+        """An int is a reversible backward's working memory alone (as the planner's first model had it)."""
+        return working if isinstance(working, Working) else Working(reversible=working)
 
 
 @dataclass(frozen=True)
@@ -109,22 +132,23 @@ class ChainPlan:
         return {region.gap: region.option for region in self.regions if region.mode == "gap"}
 
 
-def _region_cost(chain: tuple[BlockCost, ...], region: Region, opens_segment: bool, working: int = 0) -> tuple[int, int, float]:
-    """(kept K, transient T, extra FLOPs) of one region; ``working``: a reversible backward's own working memory."""
+def _region_cost(chain: tuple[BlockCost, ...], region: Region, opens_segment: bool, working: Working) -> tuple[int, int, float]:
+    """(kept K, transient T, extra FLOPs) of one region; ``working``: its backward's own working memory per mode."""
     blocks = [chain[i] for i in region.blocks]
     if region.mode == "stored":
         return sum(b.saved for b in blocks), 0, 0.0
     if region.mode == "checkpointed":
-        return blocks[0].input, sum(b.saved for b in blocks), sum(b.forward for b in blocks)
+        return blocks[0].input, sum(b.saved for b in blocks) + working.checkpointed, sum(b.forward for b in blocks)
     kept = sum(b.residue for b in blocks) + (blocks[0].stream_pair if opens_segment else 0)
-    return kept, max(b.saved for b in blocks) + working, sum(b.forward for b in blocks) * (1 + REVERSIBLE_OVERHEAD)
+    return kept, max(b.saved for b in blocks) + working.reversible, sum(b.forward for b in blocks) * (1 + REVERSIBLE_OVERHEAD)
 
 
-def chain_cost(chain: tuple[BlockCost, ...], regions: tuple[Region, ...], reversible_working: int = 0,
+def chain_cost(chain: tuple[BlockCost, ...], regions: tuple[Region, ...], working: Working | int = 0,
                gaps: tuple[GapCost, ...] = ()) -> ChainPlan:
     """The modelled peak and extra compute of a plan given as regions (adjacent reversible
     regions whose blocks join form one segment, as the runtime builds them; a gap between
     them does not end it)."""
+    working = Working.of(working)
     kept = peak = 0
     flops = 0.0
     previous: Region | None = None
@@ -136,7 +160,7 @@ def chain_cost(chain: tuple[BlockCost, ...], regions: tuple[Region, ...], revers
             continues = (
                 previous is not None and previous.mode == region.mode == "reversible" and chain[region.blocks[0]].joins_previous
             )
-            k, t, f = _region_cost(chain, region, not continues, reversible_working)
+            k, t, f = _region_cost(chain, region, not continues, working)
             previous = region
         peak = max(peak, kept + k + t)
         kept += k
@@ -144,14 +168,14 @@ def chain_cost(chain: tuple[BlockCost, ...], regions: tuple[Region, ...], revers
     return ChainPlan(tuple(regions), max(peak, kept), kept, flops)
 
 
-def uniform_plan(chain: tuple[BlockCost, ...], mode: str, reversible_working: int = 0, gaps: tuple[GapCost, ...] = ()) -> ChainPlan:
+def uniform_plan(chain: tuple[BlockCost, ...], mode: str, working: Working | int = 0, gaps: tuple[GapCost, ...] = ()) -> ChainPlan:
     """Every block in ``mode``, every gap stored."""
     regions: list[Region] = []
     for i in range(len(chain) + 1):
         regions += [Region("gap", (), g) for g, gap in enumerate(gaps) if gap.position == i]
         if i < len(chain):
             regions.append(Region(mode, (i,)))
-    return chain_cost(chain, tuple(regions), reversible_working, gaps)
+    return chain_cost(chain, tuple(regions), working, gaps)
 
 
 @dataclass(frozen=True)
@@ -201,14 +225,15 @@ def _through_gaps(states: list[_State], gaps: tuple[GapCost, ...], at: list[int]
     return states
 
 
-def plan_chain(chain: tuple[BlockCost, ...], budget: int, reversible_working: int = 0,
+def plan_chain(chain: tuple[BlockCost, ...], budget: int, working: Working | int = 0,
                gaps: tuple[GapCost, ...] = ()) -> ChainPlan | None:
     """The plan with the least extra compute whose modelled peak is within ``budget``, or None.
 
-    ``reversible_working``: bytes a reversible block's backward needs beyond its rebuilt
-    activations (reconstructed streams and their cotangents; the planner measures it).
+    ``working``: bytes a region's backward needs beyond its rebuilt activations, per mode
+    (an int: a reversible block's alone; the planner measures them).
     ``gaps``: the graph between blocks, each with its options.
     """
+    working = Working.of(working)
     at = [[g for g, gap in enumerate(gaps) if gap.position == i] for i in range(len(chain) + 1)]
     fronts: dict[tuple[int, bool], list[_State]] = {(0, False): [_State(0, 0.0, 0, None, None)]}
     finals: list[_State] = []
@@ -218,13 +243,14 @@ def plan_chain(chain: tuple[BlockCost, ...], budget: int, reversible_working: in
             if i == len(chain):
                 finals += states
                 continue
+            # a region's cost does not depend on the state it follows: priced once per position
+            steps = [(region, (region.blocks[-1] + 1, open_after), *_region_cost(chain, region, opens, working))
+                     for region, opens, open_after in _transitions(chain, i, in_segment)]
             for state in states:
-                for region, opens, open_after in _transitions(chain, i, in_segment):
-                    k, t, f = _region_cost(chain, region, opens, reversible_working)
+                for region, key, k, t, f in steps:
                     peak = max(state.peak, state.kept + k + t)
                     if peak > budget:
                         continue
-                    key = (region.blocks[-1] + 1, open_after)
                     fronts.setdefault(key, []).append(_State(state.kept + k, state.flops + f, peak, state, region))
     finals = [s for s in finals if s.kept <= budget]
     if not finals:
@@ -234,4 +260,4 @@ def plan_chain(chain: tuple[BlockCost, ...], budget: int, reversible_working: in
     while best.region is not None:
         regions.append(best.region)
         best = best.back
-    return chain_cost(chain, tuple(reversed(regions)), reversible_working, gaps)
+    return chain_cost(chain, tuple(reversed(regions)), working, gaps)

@@ -123,7 +123,7 @@ def convert(
     if memory_budget is not None:  # the plan's conversion reuses the planner's trace
         traced = trace_for_planning(model, args, kwargs, tracer=tracer, post_norm=post_norm)
         memory_plan = plan_memory(model, args, memory_budget, kwargs, tracer=tracer, coupling=chosen, post_norm=post_norm,
-                                  streams=streams, traced=traced)
+                                  streams=streams, traced=traced, check=True)
         tracer = memory_plan.tracer
     converted = ReversibleModel(
         model, tracer=tracer, coupling=chosen, post_norm=post_norm, streams=streams, check_reconstruction=check_reconstruction,

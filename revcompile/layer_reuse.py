@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["LayerStack", "find_layer_stack", "stitch_layers", "truncated_stack", "same_output", "training_output"]
+__all__ = ["LayerStack", "find_layer_stack", "find_memory_stack", "stand_in_stack", "stitch_layers", "truncated_stack", "same_output", "training_output"]
 
 MIN_LAYERS = 4  # below this, exporting every layer costs about as much as two plus the checks
 TRACED = 2
@@ -47,25 +47,27 @@ class LayerStack:
         return f"{self.path}.{index}" if self.path else str(index)
 
 
-def _attributes(module: nn.Module):
-    """A module's plain settings (``None`` if one of them is a tensor or cannot be compared)."""
+def _attributes(module: nn.Module, memory: bool = False):
+    """A module's plain settings (``None`` if one of them is a tensor or cannot be compared).
+    ``memory``: a float setting only as zero or not (a drop rate: whether a mask is drawn)."""
     items = []
     for key, value in vars(module).items():
         if key.startswith("_") or key == "training" or key in _INDEX_ATTRIBUTES:
             continue
         if isinstance(value, torch.Tensor):
             return None  # a plain tensor attribute is the layer's own state: no copying
-        items.append((key, value))
+        items.append((key, ("a float", value != 0) if memory and isinstance(value, float) else value))
     return items
 
 
-def _layout(layer: nn.Module):
-    """What two layers must share to compute the same function of their own parameters."""
+def _layout(layer: nn.Module, memory: bool = False):
+    """What two layers must share to compute the same function of their own parameters
+    (``memory``: to use the same memory at each step -- float settings only zero or not)."""
     modules = []
     for name, module in layer.named_modules():
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
             return None
-        attributes = _attributes(module)
+        attributes = _attributes(module, memory)
         if attributes is None:
             return None
         modules.append((name, type(module), module.training, attributes))
@@ -76,35 +78,70 @@ def _layout(layer: nn.Module):
     return modules, tensors
 
 
-def _identical(layers: list[nn.Module]) -> bool:
+def _identical(layers: list[nn.Module], memory: bool = False) -> bool:
     if not all(isinstance(layer, nn.Module) for layer in layers):
         return False  # a list with empty slots (None entries; x-transformers has them)
-    first = _layout(layers[0])
+    first = _layout(layers[0], memory)
     if first is None:
         return False
     try:
-        return all(_layout(layer) == first for layer in layers[1:])
+        return all(_layout(layer, memory) == first for layer in layers[1:])
     except Exception:  # noqa: BLE001 -- settings that do not compare: not provably the same
         return False
 
 
-def find_layer_stack(model: nn.Module) -> LayerStack | None:
-    """The longest ``nn.ModuleList`` of at least ``MIN_LAYERS`` identical layers, if any."""
+def find_layer_stack(model: nn.Module, kinds: tuple[type, ...] = (nn.ModuleList,), least: int = MIN_LAYERS) -> LayerStack | None:
+    """The longest container of one of ``kinds`` holding at least ``least`` identical layers, if any
+    (its layers named ``0 .. n-1``, as ``LayerStack.layer`` names them)."""
     best = None
     for name, module in model.named_modules():
-        if type(module) is nn.ModuleList and len(module) >= MIN_LAYERS and (best is None or len(module) > best.count):
-            if _identical(list(module)):
+        if type(module) in kinds and len(module) >= least and (best is None or len(module) > best.count):
+            if list(module._modules) == [str(i) for i in range(len(module))] and _identical(list(module)):
                 best = LayerStack(name, len(module))
     return best
 
 
 @contextlib.contextmanager
-def truncated_stack(model: nn.Module, stack: LayerStack):
-    """``model`` with the stack holding only its first ``TRACED`` layers, restored on exit."""
+def truncated_stack(model: nn.Module, stack: LayerStack, count: int = TRACED):
+    """``model`` with the stack holding only its first ``count`` layers, restored on exit."""
     parent_path, _, leaf = stack.path.rpartition(".")
     parent = model.get_submodule(parent_path)
     full = parent._modules[leaf]
-    parent._modules[leaf] = nn.ModuleList(list(full)[:TRACED])
+    layers = list(full)[:count]
+    parent._modules[leaf] = nn.Sequential(*layers) if type(full) is nn.Sequential else nn.ModuleList(layers)
+    try:
+        yield
+    finally:
+        parent._modules[leaf] = full
+
+
+def find_memory_stack(model: nn.Module, least: int) -> LayerStack | None:
+    """The longest ``nn.ModuleList`` or ``nn.Sequential`` of at least ``least`` layers (named
+    ``0 .. n-1``) whose middle layers (all but the first and the last) use memory alike
+    (``_layout(memory=True)``: stochastic depth's per-layer rates differ; timm's first layer,
+    at rate 0, has no drop-path module at all): a memory plan's stand-ins
+    (``stand_in_stack``) keep the real first and last layers."""
+    best = None
+    for name, module in model.named_modules():
+        if type(module) not in (nn.ModuleList, nn.Sequential) or len(module) < least:
+            continue
+        layers = list(module)
+        if (best is None or len(module) > best.count) and list(module._modules) == [str(i) for i in range(len(module))]:
+            if isinstance(layers[0], nn.Module) and isinstance(layers[-1], nn.Module) and _identical(layers[1:-1], memory=True):
+                best = LayerStack(name, len(module))
+    return best
+
+
+@contextlib.contextmanager
+def stand_in_stack(model: nn.Module, stack: LayerStack, count: int):
+    """``model`` with the stack holding ``count`` of its layers -- its first, its second ..
+    up to ``count - 1``, and its last -- restored on exit: a shallower model whose ends are
+    the real ones."""
+    parent_path, _, leaf = stack.path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    full = parent._modules[leaf]
+    layers = [*list(full)[:count - 1], full[len(full) - 1]]
+    parent._modules[leaf] = nn.Sequential(*layers) if type(full) is nn.Sequential else nn.ModuleList(layers)
     try:
         yield
     finally:

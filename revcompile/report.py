@@ -48,7 +48,7 @@ from revcompile.budget import (
     training_state,
 )
 from revcompile.measure import HeapPeak, saved_for_backward
-from revcompile.simulate import LiveTensorBytes, largest_fitting_batch, simulate_step_peak, training_loss, training_step
+from revcompile.simulate import LiveTensorBytes, largest_fitting_batch, resident_tensors, simulate_step_peak, training_loss, training_step
 
 __all__ = ["StepMeasurement", "MemoryReport", "measure_step", "predict", "memory_report", "ReportError"]
 
@@ -219,7 +219,7 @@ def measure_step(model: nn.Module, args: tuple, kwargs: dict | None = None) -> S
         heap_peak = heap.growth
     seconds = time.perf_counter() - start
     if not cuda:  # exact at op granularity, where sampling the heap misses short peaks
-        counter = LiveTensorBytes([p.grad for p in model.parameters() if p.grad is not None])
+        counter = LiveTensorBytes([p.grad for p in model.parameters() if p.grad is not None], resident_tensors(model, args, kwargs))
         with counter:  # without saved-tensor hooks: they hold saved tensors a little longer than a plain step
             training_step(model, args, kwargs)
         peak = counter.growth

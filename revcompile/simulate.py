@@ -33,18 +33,27 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["LiveTensorBytes", "training_loss", "training_step", "tensor_peak", "simulate_step_peak", "StepPeak", "largest_fitting_batch"]
+__all__ = ["LiveTensorBytes", "resident_tensors", "training_loss", "training_step", "tensor_peak", "simulate_step_peak", "StepPeak", "largest_fitting_batch"]
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Bytes of the storages created inside the mode that are alive now, and the most at once."""
+    """Bytes of the storages created inside the mode that are alive now, and the most at once.
 
-    def __init__(self, existing=()):
+    ``existing``: tensors alive before the step whose frees during it count (gradient
+    buffers). ``resident``: tensors alive throughout it (parameters, buffers, inputs): an op
+    that returns a view of one (``weight.t()`` that a linear saves, a segment's detached
+    alias) allocates nothing. Without them such a view was counted as a new storage of the
+    parameter's size, and never freed: a step's peak held every parameter it viewed.
+    """
+
+    def __init__(self, existing=(), resident=()):
         super().__init__()
         self.live = self.peak = 0
         self._sizes: dict[int, int] = {}
         for tensor in existing:  # alive before the step; their frees during it count
             self._track(tensor)
+        for tensor in resident:
+            self._sizes.setdefault(tensor.untyped_storage()._cdata, 0)
         self.base = self.peak = self.live
 
     @property
@@ -119,7 +128,7 @@ def tensor_peak(model: nn.Module, args: tuple, kwargs: dict | None = None) -> in
     """Peak tensor bytes of one real training step above its start (after a warm-up step)."""
     kwargs = kwargs or {}
     training_step(model, args, kwargs)  # warm-up: traced variants, .grad buffers
-    counter = LiveTensorBytes(_gradients(model))
+    counter = LiveTensorBytes(_gradients(model), resident_tensors(model, args, kwargs))
     with _no_collection(), counter:
         training_step(model, args, kwargs)
     model.zero_grad(set_to_none=True)
@@ -128,6 +137,12 @@ def tensor_peak(model: nn.Module, args: tuple, kwargs: dict | None = None) -> in
 
 def _gradients(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+def resident_tensors(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """What is alive before and after a step of ``model``: its parameters, buffers and the inputs."""
+    inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return [*model.parameters(), *model.buffers(), *inputs]
 
 
 @dataclass(frozen=True)
@@ -159,7 +174,7 @@ def simulate_step_peak(model: nn.Module, args: tuple, kwargs: dict | None = None
             if fake.requires_grad:
                 fake.grad = torch.zeros_like(fake)
         with _reparametrize_module(model, {**fakes, **buffers}, tie_weights=True):
-            counter = LiveTensorBytes(_gradients(model))
+            counter = LiveTensorBytes(_gradients(model), resident_tensors(model, *inputs))
             with _no_collection(), counter:
                 training_step(model, *inputs)
     return StepPeak(counter.growth, counter.live - counter.base)
