@@ -102,17 +102,22 @@ def find_layer_stack(model: nn.Module, kinds: tuple[type, ...] = (nn.ModuleList,
 
 
 @contextlib.contextmanager
-def truncated_stack(model: nn.Module, stack: LayerStack, count: int = TRACED):
-    """``model`` with the stack holding only its first ``count`` layers, restored on exit."""
+def _stack_holding(model: nn.Module, stack: LayerStack, pick):
+    """``model`` with the stack holding ``pick(its layers)`` (in a container of its own type), restored on exit."""
     parent_path, _, leaf = stack.path.rpartition(".")
     parent = model.get_submodule(parent_path)
     full = parent._modules[leaf]
-    layers = list(full)[:count]
+    layers = pick(list(full))
     parent._modules[leaf] = nn.Sequential(*layers) if type(full) is nn.Sequential else nn.ModuleList(layers)
     try:
         yield
     finally:
         parent._modules[leaf] = full
+
+
+def truncated_stack(model: nn.Module, stack: LayerStack, count: int = TRACED):
+    """``model`` with the stack holding only its first ``count`` layers, restored on exit."""
+    return _stack_holding(model, stack, lambda layers: layers[:count])
 
 
 def find_memory_stack(model: nn.Module, least: int) -> LayerStack | None:
@@ -132,20 +137,11 @@ def find_memory_stack(model: nn.Module, least: int) -> LayerStack | None:
     return best
 
 
-@contextlib.contextmanager
 def stand_in_stack(model: nn.Module, stack: LayerStack, count: int):
     """``model`` with the stack holding ``count`` of its layers -- its first, its second ..
     up to ``count - 1``, and its last -- restored on exit: a shallower model whose ends are
     the real ones."""
-    parent_path, _, leaf = stack.path.rpartition(".")
-    parent = model.get_submodule(parent_path)
-    full = parent._modules[leaf]
-    layers = [*list(full)[:count - 1], full[len(full) - 1]]
-    parent._modules[leaf] = nn.Sequential(*layers) if type(full) is nn.Sequential else nn.ModuleList(layers)
-    try:
-        yield
-    finally:
-        parent._modules[leaf] = full
+    return _stack_holding(model, stack, lambda layers: [*layers[:count - 1], layers[-1]])
 
 
 def _layer_of(node: fx.Node, stack: LayerStack) -> int | None:
